@@ -1,0 +1,179 @@
+"""Tiny language models, loading any Hugging Face causal LM, and the cached base models.
+
+Every paper that needs "an LLM" gets one of two things: the user's own HF causal LM
+(`load_causal_lm`, safetensors only, remote code only on an explicit flag), or a
+base model that paperzoo trains from scratch on the embedded corpus the first time
+it is asked for and caches (`base_model`). The cache key is a hash of everything
+that determines the weights: model config, corpus, tokenizer, seed and steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from paperzoo.core import store
+from paperzoo.core.corpus import Corpus, load_corpus
+from paperzoo.core.tokenizer import train_tokenizer
+from paperzoo.core.training import TrainConfig, token_blocks, train
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be used: missing, not a causal LM, unsafe weights."""
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """A Llama-style decoder: RMSNorm, rotary positions, SwiGLU, untied embeddings."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    num_layers: int = 12
+    num_heads: int = 3
+    intermediate_size: int = 512
+    max_seq_len: int = 256
+
+    def build(self) -> LlamaForCausalLM:
+        config = LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.max_seq_len,
+            tie_word_embeddings=False,  # the under-trained token detector reads U on its own
+            # No pad_token_id: it would freeze the EOS embedding at zero (nn.Embedding padding_idx).
+            bos_token_id=0, eos_token_id=0,
+        )
+        return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    model: TinyLMConfig
+    train: TrainConfig
+    seed: int = 0
+
+
+# The default base model for each scale. `small` is what experiments run on by default:
+# 12 layers (deep enough for layer pruning), about 7M parameters, ~10 minutes on 2 cores.
+BASE_MODELS = {
+    "smoke": BaseModelSpec(
+        TinyLMConfig(vocab_size=1024, hidden_size=32, num_layers=12, num_heads=2, intermediate_size=64, max_seq_len=64),
+        TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=0),
+    ),
+    "small": BaseModelSpec(
+        TinyLMConfig(),
+        TrainConfig(steps=500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50, eval_every=100),
+    ),
+    "large": BaseModelSpec(
+        TinyLMConfig(vocab_size=8192, hidden_size=512, num_layers=16, num_heads=8, intermediate_size=1376, max_seq_len=512),
+        TrainConfig(steps=5000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200, eval_every=500),
+    ),
+}
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer and the corpus that experiments read.
+
+    `trained_here` is True for paperzoo's base models: their training data is
+    exactly `corpus.train`, which some experiments use as ground truth.
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    corpus: Corpus
+    seq_len: int
+    trained_here: bool = False
+    record: dict = field(default_factory=dict)
+
+    def blocks(self, split: str, seq_len: int | None = None) -> torch.Tensor:
+        docs = self.corpus.train if split == "train" else self.corpus.validation
+        return token_blocks(self.tokenizer, docs, seq_len or self.seq_len)
+
+
+def base_model(scale: str = "small", corpus: str | None = None, seed: int = 0) -> LanguageModel:
+    """The cached base LM for `scale`, trained here on first use (with a progress bar)."""
+    spec = BASE_MODELS[scale]
+    spec = BaseModelSpec(spec.model, spec.train, seed)
+    data = load_corpus(corpus)
+    tokenizer = train_tokenizer(data, spec.model.vocab_size)
+    key = store.stable_hash(["base-v2", asdict(spec), data.fingerprint, tokenizer.backend_tokenizer.to_str()])
+    path = store.home() / "models" / f"base-{scale}-{key}"
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        model = spec.model.build()
+        start = time.perf_counter()
+        history = train(
+            model, token_blocks(tokenizer, data.train, spec.train.seq_len), spec.train,
+            val_blocks=token_blocks(tokenizer, data.validation, spec.train.seq_len),
+            desc=f"training the {scale} base LM (cached afterwards)", seed=seed,
+        )
+        record = {"scale": scale, "spec": asdict(spec), "corpus": data.name,
+                  "train_seconds": time.perf_counter() - start, **history}
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "paperzoo-training.json").write_text(json.dumps(record, indent=1))
+
+    store.cached_dir(path, build)
+    hf_logging.disable_progress_bar()
+    model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+    record = json.loads((path / "paperzoo-training.json").read_text())
+    return LanguageModel(f"paperzoo base-{scale} ({path.name})", model, AutoTokenizer.from_pretrained(path),
+                         data, spec.train.seq_len, trained_here=True, record=record)
+
+
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
+    """Load a HF causal LM and its tokenizer from a local directory or a hub name.
+
+    Only safetensors weights are read (a pickle can run code), and remote code runs
+    only when the caller says so.
+    """
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ModelLoadError(f"model directory not found: {name_or_path}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ModelLoadError(f"{name_or_path!r} is a {config.model_type!r} model, not a causal LM")
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+# Where the stack of decoder blocks lives, by architecture family.
+_LAYER_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted attribute path and the ModuleList of a causal LM's decoder blocks."""
+    for dotted in _LAYER_PATHS:
+        obj = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return dotted, obj
+    raise ModelLoadError(f"{type(model).__name__} has no standard decoder-layer list ({', '.join(_LAYER_PATHS)})")

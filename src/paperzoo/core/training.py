@@ -1,0 +1,125 @@
+"""The one training loop every paper reuses.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast where
+the processor has native bf16 (about 2x faster than fp32 on this project's CPUs),
+a rich progress bar and periodic validation. A non-finite loss stops training
+with `NonFiniteLossError` instead of silently producing a broken model.
+
+Multi-device: launch with ``torchrun --nproc-per-node N``. When torchrun's
+environment is present the model is wrapped in DistributedDataParallel and each
+rank draws its own batches; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import get_cosine_schedule_with_warmup
+
+from paperzoo.core.evaluation import evaluate
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: validate only at the end
+
+
+def bf16_autocast_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def token_blocks(tokenizer, docs, seq_len: int) -> torch.Tensor:
+    """Concatenate documents, each followed by EOS, and cut into [N, seq_len] blocks."""
+    ids: list[int] = []
+    for row in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
+        ids.extend(row)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def progress(desc: str) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+    )
+
+
+def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Tensor | None = None,
+          params=None, desc: str = "training", seed: int = 0) -> dict:
+    """Train `model` (in place) on random batches of `blocks`; return the loss history.
+
+    `params` restricts the optimiser (e.g. to LoRA weights); by default every
+    parameter with requires_grad is trained.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
+    device = next(model.parameters()).device
+    net = model
+    if distributed:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = torch.distributed.get_rank()
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            model.to(device)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    use_bf16 = bf16_autocast_available(device)
+    history = {"train_loss": [], "val": [], "tokens": 0, "bf16": use_bf16}
+    model.train()
+    start = time.perf_counter()
+    with progress(desc) as bar:
+        task = bar.add_task(desc, total=config.steps, status="")
+        for step in range(1, config.steps + 1):
+            idx = torch.randint(len(blocks), (config.batch_size,), generator=generator)
+            x = blocks[idx, : config.seq_len].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = net(input_ids=x, labels=x).loss
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            history["train_loss"].append(loss.item())
+            history["tokens"] += x.numel()
+            status = f"loss {loss.item():.3f}"
+            last = step == config.steps
+            if val_blocks is not None and rank == 0 and (last or (config.eval_every and step % config.eval_every == 0)):
+                metrics = evaluate(model, val_blocks)
+                history["val"].append({"step": step, **metrics})
+                model.train()
+                status += f"  val ppl {metrics['perplexity']:.1f}"
+            bar.update(task, advance=1, status=status)
+    history["seconds"] = time.perf_counter() - start
+    history["tokens_per_second"] = history["tokens"] / history["seconds"]
+    model.eval()
+    return history

@@ -1,0 +1,94 @@
+"""The static HTML report: the catalogue with statuses and verdicts, and one page per experiment run.
+
+Plain HTML and one stylesheet, no JavaScript, so that it opens from disk and can be
+served by anything. Each experiment page shows its latest run that claims a verdict
+(or its latest smoke run when none does), with claim, predicate, checks, the
+measured numbers and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from html import escape
+from pathlib import Path
+
+from paperzoo import catalog
+from paperzoo.core import results, store
+
+CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; position: sticky; top: 0; }
+.status { font-weight: 600; white-space: nowrap; }
+.reproduced { color: #11772d; } .not-reproduced { color: #b3261e; } .inconclusive { color: #9a6700; }
+.implemented { color: #0b6bcb; } .planned { color: #888; } .no-software { color: #7b3fa0; } .smoke { color: #888; }
+pre { background: #f6f6f6; padding: .75rem; overflow-x: auto; font-size: 12px; }
+img.plot { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+            f"<link rel=\"stylesheet\" href=\"style.css\"></head><body>\n{body}\n</body></html>\n")
+
+
+def _shown_record(slug: str, results_dir) -> dict | None:
+    return results.latest(slug, results_dir, verdict_only=True) or results.latest(slug, results_dir)
+
+
+def _number(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else escape(str(v))
+
+
+def experiment_page(paper: catalog.Paper, record: dict, plot_name: str) -> str:
+    checks = "".join(f"<li>{'pass' if v else 'undecided' if v is None else 'fail'}: {escape(k)}</li>"
+                     for k, v in record["checks"].items())
+    scalars = "".join(f"<tr><th>{escape(k)}</th><td>{_number(v)}</td></tr>" for k, v in record["metrics"].items()
+                      if isinstance(v, (int, float, str)) and not k.startswith("_"))
+    detail = {k: v for k, v in record["metrics"].items() if not k.startswith("_") and not isinstance(v, (int, float, str))}
+    body = f"""<p><a href="index.html">&larr; catalogue</a></p>
+<h1>{escape(paper.title)}</h1>
+<p><a href="{paper.url}">arXiv:{paper.arxiv}</a> &middot; {escape(paper.family)} &middot; reviewed {paper.review_date}</p>
+<h2>Verdict: <span class="status {escape(record['verdict'])}">{escape(record['verdict'])}</span></h2>
+<p>scale <b>{escape(record['scale'])}</b>, seed {record['seed']}, model {escape(str(record.get('model')))},
+finished {escape(record['finished_at'])}, {record['wall_seconds']:.0f} s</p>
+<h3>Claim</h3><p class="claim">{escape(record['claim'])}</p>
+<h3>Predicate measured here</h3><p class="predicate">{escape(record['predicate'])}</p>
+<ul class="checks">{checks}</ul>
+<h3>Plot</h3><img class="plot" src="{escape(plot_name)}" alt="plot for {escape(paper.slug)}">
+<h3>Numbers</h3><table>{scalars}</table>
+<details><summary>All measured values</summary><pre>{escape(json.dumps(detail, indent=1, default=str))}</pre></details>
+<p><small>versions: {escape(json.dumps(record['versions']))}</small></p>"""
+    return _page(f"{paper.slug}: {record['verdict']}", body)
+
+
+def build_report(out: Path, results_dir=None) -> Path:
+    """Write index.html, style.css and one page (plus plot) per experiment that has run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"report output is not a directory: {out}")
+    store.write_atomic(out / "style.css", CSS)
+    rows = []
+    for p in catalog.papers():
+        record = _shown_record(p.slug, results_dir)
+        verdict = ""
+        if record is not None:
+            png = Path(record["_path"]).with_suffix(".png")
+            plot_name = f"{p.slug}.png"
+            if png.exists():
+                store.write_atomic(out / plot_name, png.read_bytes())
+            store.write_atomic(out / f"{p.slug}.html", experiment_page(p, record, plot_name))
+            verdict = (f'<a href="{p.slug}.html" class="status {escape(record["verdict"])}">{escape(record["verdict"])}</a>'
+                       f' <small>({escape(record["scale"])})</small>')
+        rows.append(f'<tr><td><a href="{p.url}">{p.arxiv}</a></td><td>{escape(p.slug)}</td><td>{escape(p.family)}</td>'
+                    f'<td class="status {p.status}">{p.status}</td><td>{verdict}</td><td>{escape(p.title)}'
+                    f'{"<br><small>" + escape(p.status_note) + "</small>" if p.status_note else ""}</td></tr>')
+    counts = Counter(p.status for p in catalog.papers())
+    summary = ", ".join(f"{s}: {counts[s]}" for s in catalog.STATUSES if counts[s])
+    body = f"""<h1>paperzoo</h1>
+<p>{len(catalog.papers())} reviewed papers. {escape(summary)}.</p>
+<table id="catalogue"><thead><tr><th>arXiv</th><th>slug</th><th>family</th><th>status</th><th>last run</th><th>title</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>"""
+    return store.write_atomic(out / "index.html", _page("paperzoo catalogue", body))
