@@ -149,16 +149,22 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {str(e).splitlines()[0]}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ModelLoadError(f"{name_or_path!r} is a {config.model_type!r} model, not a causal LM")
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    if not trust_remote_code and (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                  or (architectures and not causal_classes & set(architectures))):
+        kind = architectures[0] if architectures else config.model_type
+        raise ModelLoadError(f"{name_or_path!r} holds a {kind} checkpoint, not a causal LM")
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if info.get("missing_keys"):  # a randomly initialised head would give silently wrong results
+        raise ModelLoadError(f"{name_or_path!r} lacks weights: {', '.join(sorted(info['missing_keys'])[:3])}")
     return model.eval(), tokenizer
 
 

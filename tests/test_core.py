@@ -1,0 +1,148 @@
+import json
+import math
+
+import pytest
+import torch
+
+from paperzoo.core import results, store
+from paperzoo.core.corpus import CorpusError, is_validation_unit, load_corpus
+from paperzoo.core.evaluation import evaluate
+from paperzoo.core.experiment import verdict
+from paperzoo.core.models import ModelLoadError, base_model, decoder_layers, load_causal_lm
+from paperzoo.core.training import NonFiniteLossError, TrainConfig, token_blocks, train
+from tiny_models import tiny
+
+
+def test_stable_hash_ignores_key_order():
+    assert store.stable_hash({"a": 1, "b": [1, 2]}) == store.stable_hash({"b": [1, 2], "a": 1})
+    assert store.stable_hash({"a": 1}) != store.stable_hash({"a": 2})
+
+
+def test_cached_dir_is_atomic(tmp_path):
+    target = tmp_path / "entry"
+
+    def broken(tmp):
+        (tmp / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.cached_dir(target, broken)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    calls = []
+    store.cached_dir(target, lambda tmp: calls.append((tmp / "done").write_text("ok")))
+    store.cached_dir(target, lambda tmp: calls.append("built again"))
+    assert (target / "done").read_text() == "ok" and len(calls) == 1
+
+
+def test_write_atomic_leaves_no_temporaries(tmp_path):
+    store.write_atomic(tmp_path / "a" / "f.json", "{}")
+    store.write_atomic(tmp_path / "a" / "f.json", "[1]")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]
+    assert (tmp_path / "a" / "f.json").read_text() == "[1]"
+
+
+def test_embedded_corpus_is_split_by_module_deterministically(paperzoo_home):
+    c = load_corpus()
+    assert load_corpus().fingerprint == c.fingerprint
+    assert sum(map(len, c.train)) > 1_500_000 and sum(map(len, c.validation)) > 40_000
+    units_and_docs = json.loads(next((paperzoo_home / "corpus").glob("stdlib-*.json")).read_text())
+    val_units = {u for u, _ in units_and_docs if is_validation_unit(u)}
+    assert 0 < len(val_units) < len({u for u, _ in units_and_docs}) / 4
+    assert list(c.validation) == [d for u, d in units_and_docs if u in val_units]
+
+
+def test_text_file_corpus_and_errors(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("\n\n".join(f"paragraph number {i} of a small text" for i in range(400)))
+    c = load_corpus(f)
+    assert len(c.train) + len(c.validation) == 400 and c.validation
+    with pytest.raises(CorpusError, match="not found"):
+        load_corpus(tmp_path / "missing.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(CorpusError, match="UTF-8"):
+        load_corpus(tmp_path / "bin.txt")
+
+
+def test_token_blocks_put_eos_between_documents(smoke_lm):
+    tok = smoke_lm.tokenizer
+    blocks = token_blocks(tok, ["hello world", "again"], seq_len=2)
+    flat = tok(["hello world"], add_special_tokens=False)["input_ids"][0] + [tok.eos_token_id]
+    assert blocks.shape[1] == 2 and blocks.flatten().tolist() == (flat + tok.encode("again") + [tok.eos_token_id])[: blocks.numel()]
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size():
+    model = tiny("llama")
+    torch.nn.init.zeros_(model.lm_head.weight)
+    m = evaluate(model, torch.randint(0, 64, (3, 10)))
+    assert m["perplexity"] == pytest.approx(64.0, rel=1e-5) and m["loss"] == pytest.approx(math.log(64))
+
+
+def test_training_stops_on_non_finite_loss():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train(model, torch.randint(0, 64, (8, 10)), TrainConfig(steps=3, batch_size=2, seq_len=10, lr=1e-3))
+
+
+def test_training_lowers_loss():
+    model = tiny("llama")
+    data = torch.arange(64).repeat(8, 1)[:, :32] % 7  # a periodic sequence
+    before = evaluate(model, data)["loss"]
+    history = train(model, data, TrainConfig(steps=40, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=4))
+    assert evaluate(model, data)["loss"] < before - 1.0 and history["tokens"] == 40 * 4 * 32
+
+
+def test_base_model_is_cached_and_reloadable(smoke_lm, paperzoo_home):
+    again = base_model("smoke")
+    assert again.record == smoke_lm.record  # read from the cache, not retrained
+    assert len(list((paperzoo_home / "models").iterdir())) == 1
+    assert smoke_lm.model.config.num_hidden_layers >= 12 and smoke_lm.trained_here
+    model, tok = load_causal_lm(str(next((paperzoo_home / "models").iterdir())))
+    ids = smoke_lm.blocks("validation")[:2]
+    assert torch.equal(model(input_ids=ids).logits, smoke_lm.model(input_ids=ids).logits)
+
+
+def test_default_small_base_model_is_deep_enough():
+    from paperzoo.core.models import BASE_MODELS
+
+    assert BASE_MODELS["small"].model.num_layers >= 12
+
+
+def test_load_causal_lm_refuses_bad_input(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_causal_lm(str(tmp_path / "nothing"))
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelLoadError, match="BertModel checkpoint, not a causal LM"):
+        load_causal_lm(str(tmp_path / "bert"))
+    model = tiny("llama")  # weights only as a pickle: refused, never unpickled
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError):
+        load_causal_lm(str(tmp_path / "pickled"))
+
+
+def test_decoder_layers_found_for_gpt2_and_llama():
+    assert decoder_layers(tiny("gpt2"))[0] == "transformer.h"
+    assert decoder_layers(tiny("llama"))[0] == "model.layers"
+    with pytest.raises(ModelLoadError):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_verdict_combines_checks():
+    assert verdict({"a": True, "b": True}) == "reproduced"
+    assert verdict({"a": True, "b": False}) == "not-reproduced"
+    assert verdict({"a": True, "b": None}) == "inconclusive"
+    assert verdict({}) == "inconclusive"
+
+
+def test_records_are_never_overwritten(tmp_path):
+    a = results.new_record_path("x", "stem", tmp_path)
+    results.write_record(a, {"finished_at": "1", "verdict": "reproduced"})
+    b = results.new_record_path("x", "stem", tmp_path)
+    results.write_record(b, {"finished_at": "2", "verdict": "smoke"})
+    assert a != b and json.loads(a.read_text())["verdict"] == "reproduced"
+    assert results.latest("x", tmp_path)["verdict"] == "smoke"
+    assert results.latest("x", tmp_path, verdict_only=True)["verdict"] == "reproduced"

@@ -1,0 +1,56 @@
+"""Both experiments end to end at smoke scale: a record with claim and checks, a plot beside it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from paperzoo import catalog
+from paperzoo.core.experiment import ExperimentError, experiment_module, run_experiment
+
+
+@pytest.mark.parametrize("slug", ["layer-pruning", "undertrained-tokens"])
+def test_smoke_run_writes_record_and_plot(slug, smoke_lm, tmp_path):
+    record = run_experiment(slug, "smoke", seed=0, out=tmp_path)
+    path = Path(record["_path"])
+    stored = json.loads(path.read_text())
+    assert stored["verdict"] == "smoke" and stored["paper"]["slug"] == slug
+    assert stored["claim"] == experiment_module(slug).CLAIM.statement
+    assert stored["checks"] and all(v in (True, False, None) for v in stored["checks"].values())
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stored["versions"]["torch"] and stored["wall_seconds"] > 0
+
+
+def test_layer_pruning_smoke_metrics_are_consistent(smoke_lm, tmp_path):
+    m = run_experiment("layer-pruning", "smoke", out=tmp_path)["metrics"]
+    assert {r["method"] for r in m["blocks"]} == {"angular", "deepest", "random"}
+    for r in m["blocks"]:
+        assert 0 <= r["start"] <= m["num_layers"] - r["n"]
+        if r["method"] == "angular":  # the chosen block is the minimum of its row
+            row = [m["distances"][l][l + r["n"]] for l in range(m["num_layers"] - r["n"] + 1)]
+            assert r["angular_distance"] == min(row)
+
+
+def test_undertrained_tokens_needs_exact_training_counts(tmp_path):
+    from paperzoo.core.models import base_model
+
+    lm = base_model("smoke")
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ExperimentError, match="exact training counts"):
+        run_experiment("undertrained-tokens", "smoke", model=str(tmp_path / "m"), out=tmp_path)
+
+
+def test_catalogue_status_matches_the_code():
+    from paperzoo.core.experiment import method_module_name
+
+    for p in catalog.papers():
+        has_method, has_experiment = method_module_name(p.slug) is not None, experiment_module(p.slug) is not None
+        if p.status == "planned":
+            assert not has_method, f"{p.slug} is implemented but marked planned"
+        elif p.status == "implemented":
+            assert has_method, f"{p.slug} is marked implemented but has no method module"
+        elif p.status in catalog.VERDICTS:
+            assert has_method and has_experiment, f"{p.slug} has a verdict but no method or experiment"
+        elif p.status == "no-software":
+            assert p.status_note and not has_method
