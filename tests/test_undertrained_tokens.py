@@ -5,7 +5,7 @@ import torch
 from paperzoo.experiments.phenomena.undertrained_tokens import auroc
 from paperzoo.phenomena.undertrained_tokens import (
     candidates_below_percentile, find_undertrained_tokens, first_principal_component, reference_unused_tokens,
-    remove_component, undertrained_indicator, unreachable_tokens, verification_probability)
+    ordinary_tokens, remove_component, single_byte_tokens, undertrained_indicator, verification_probability)
 from tiny_models import tiny
 
 
@@ -46,14 +46,30 @@ def test_percentile_candidates_by_hand():
     assert candidates_below_percentile(ind, 20.0, exclude=[5]) == [1]
 
 
+def test_byte_level_alphabet_matches_the_tokenizers_library():
+    from tokenizers import pre_tokenizers
+
+    from paperzoo.phenomena.undertrained_tokens import byte_level_alphabet
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet.values()) == list(range(256))
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert alphabet["Ġ"] == ord(" ") and alphabet["Ċ"] == ord("\n")
+
+
 def test_reference_tokens_of_the_base_tokenizer(smoke_lm):
     tok = smoke_lm.tokenizer
     ref = reference_unused_tokens(tok)
     reserved = tok.convert_tokens_to_ids([f"<|reserved_{i}|>" for i in range(16)])
     assert set(reserved) <= set(ref)
     assert tok.eos_token_id not in ref
-    for i in unreachable_tokens(tok):
-        assert tok.encode(tok.decode([i]), add_special_tokens=False) != [i]
+    never_bytes = {i for i, b in single_byte_tokens(tok).items() if b in (0xC0, 0xC1) or b >= 0xF5}
+    assert len(never_bytes) == 13 and never_bytes <= set(ref)
+    assert tok.convert_ids_to_tokens(tok.encode("A", add_special_tokens=False)) == ["A"]
+    assert single_byte_tokens(tok)[tok.convert_tokens_to_ids("A")] == ord("A")
+    ordinary = set(ordinary_tokens(tok))
+    assert not ordinary & set(ref) and tok.convert_tokens_to_ids("Ġthe") in ordinary
+    assert tok.convert_tokens_to_ids("Ã") not in ordinary  # byte 0xC3 alone: a partial UTF-8 sequence
 
 
 def test_verification_probability_is_the_softmax_at_the_copy_position(smoke_lm):
@@ -71,6 +87,7 @@ def test_pipeline_on_a_model_runs_end_to_end(smoke_lm):
     report = find_undertrained_tokens(smoke_lm.model, smoke_lm.tokenizer, percentile=2.0)
     assert report.indicator.shape == (len(smoke_lm.tokenizer),)
     assert not set(report.candidates) & set(report.reference)
+    assert set(report.candidates) <= set(ordinary_tokens(smoke_lm.tokenizer))
     assert set(report.verified) <= set(report.candidates)
 
 

@@ -10,7 +10,7 @@ vocabulary. The paper reads that off the unembedding matrix $U \in \mathbb{R}^{V
    estimate of the constant component that softmax ignores, and remove it:
    $U' = U - (U c)\, c^\top$.
 2. Average the rows of a reference set $S$ of tokens known to be unused
-   (reserved special tokens, tokens that no text encodes to):
+   (reserved special tokens; byte tokens for bytes valid UTF-8 never contains):
    $u_{\text{oov}} = \frac{1}{|S|} \sum_{i \in S} U'_i$.
 3. Score every token by cosine distance $1 - \cos(U'_i, u_{\text{oov}})$; tokens
    below a low percentile of that score (the paper uses the 2nd) are candidates.
@@ -25,10 +25,17 @@ Implementation notes:
   constant component" requires: the mean row is what the component captures.
 - When input and output embeddings are tied, $U$ is the shared matrix; otherwise
   the output (unembedding) matrix is used, as in the paper.
-- Deviation: the paper's verification prompts are chat templates asking an
-  instruction-tuned model to repeat a string. A base model has no chat format, so
-  `verification_probability` uses plain-text repeat prompts (``'x' -> 'x'``
-  patterns); pass your own ``templates`` for a chat model.
+- Candidates and their percentile are taken over "ordinary" tokens only: special,
+  partial-UTF-8 and unreachable tokens are categorised from the tokenizer alone.
+- Verification follows the official code's few-shot copy prompts in structure,
+  with the token placed in token space. Deviations: 8 and 30 repeats instead of 20
+  and 50, to fit a 256-token context, and the probability is read at the one
+  position where the copy must start instead of the maximum over three greedily
+  generated positions. A token is verified below probability 0.1, the code's
+  threshold (the paper's text speaks of "very small" probabilities).
+- The official code's default indicator for *untied* models is now the L2 norm of
+  the input embedding rows (`input_embedding_norm`); the paper's unembedding
+  indicator above stays the main one here, and experiments report both.
 """
 
 from __future__ import annotations
@@ -68,6 +75,11 @@ def undertrained_indicator(U: torch.Tensor, reference_ids) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(U_prime, u_oov[None, :], dim=-1)
 
 
+def input_embedding_norm(model) -> torch.Tensor:
+    """L2 norm of each input-embedding row: small for tokens whose embeddings only decayed."""
+    return model.get_input_embeddings().weight.detach().float().norm(dim=-1)
+
+
 def candidates_below_percentile(indicator: torch.Tensor, percentile: float, exclude=()) -> list[int]:
     """Token ids whose indicator is at or below the given percentile of all tokens, lowest first."""
     threshold = torch.quantile(indicator.double(), percentile / 100.0)
@@ -76,49 +88,90 @@ def candidates_below_percentile(indicator: torch.Tensor, percentile: float, excl
     return [i for i in order if indicator[i] <= threshold and i not in excluded]
 
 
-def unreachable_tokens(tokenizer) -> list[int]:
-    """Ordinary tokens that no text encodes to: decoding then re-encoding gives other ids."""
+def ordinary_tokens(tokenizer) -> list[int]:
+    """Tokens the detector scores: not special, decodable alone, and reachable by encoding.
+
+    The paper (and its code) leaves out special tokens, partial UTF-8 byte tokens
+    (they decode to U+FFFD on their own) and unreachable tokens (text that decodes
+    from them encodes to other ids): those are categorised by the tokenizer alone.
+    """
     special = set(tokenizer.all_special_ids)
     out = []
     for i in range(len(tokenizer)):
         if i in special:
             continue
         text = tokenizer.decode([i])
-        if tokenizer.encode(text, add_special_tokens=False) != [i]:
+        if "\ufffd" not in text and tokenizer.encode(text, add_special_tokens=False) == [i]:
             out.append(i)
     return out
 
 
-def reference_unused_tokens(tokenizer) -> list[int]:
-    """Known-unused tokens: added special tokens other than bos/eos/pad/unk, plus unreachable ones.
+# Bytes that never occur in valid UTF-8 text: overlong-sequence leads and beyond U+10FFFF.
+NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
 
-    Llama 3's ``<|reserved_special_token_*|>`` are the paper's example of the first kind.
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable Latin-1 bytes stand
+    for themselves, the other 68 bytes for the code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+def single_byte_tokens(tokenizer) -> dict[int, int]:
+    """Token id -> the byte it stands for, for byte-level BPE and for <0xXX> byte fallback."""
+    byte_level = '"ByteLevel"' in tokenizer.backend_tokenizer.to_str()
+    alphabet = byte_level_alphabet()
+    out = {}
+    for token, i in tokenizer.get_vocab().items():
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            out[i] = int(token[3:5], 16)
+        elif byte_level and token in alphabet:
+            out[i] = alphabet[token]
+    return out
+
+
+def reference_unused_tokens(tokenizer) -> list[int]:
+    """Tokens known to be unused without looking at the model, as the paper's code picks them:
+
+    - added special tokens other than bos/eos/pad/unk (reserved tokens such as Llama 3's
+      ``<|reserved_special_token_*|>`` or Gemma's ``<unused*>``);
+    - single-byte tokens for bytes that valid UTF-8 never contains (0xC0, 0xC1, 0xF5-0xFF),
+      the paper's reference set for GPT-2-style byte-level vocabularies.
     """
     used = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     reserved = [i for i in tokenizer.all_special_ids if i not in used]
-    return sorted(set(reserved) | set(unreachable_tokens(tokenizer)))
+    never_bytes = [i for i, b in single_byte_tokens(tokenizer).items() if b in NEVER_IN_UTF8]
+    return sorted(set(reserved) | set(never_bytes))
 
 
+# Few-shot copy prompts in the style of the paper's verification prompts; {token} is replaced
+# in *token space* by the candidate id, so even tokens that text cannot produce are placed exactly.
 REPEAT_TEMPLATES = (
-    "'a' -> 'a'\n'the' -> 'the'\n'{token}' -> '",
-    'Repeat the string exactly.\n"dog": "dog"\n"{token}": "',
+    "This device repeats its input exactly, as these identical trials show.\n"
+    + "Input: «{token}»\nOutput: «{token}»\n" * 8 + "Input: «{token}»\nOutput: «",
+    "Here the same phrase is simply repeated over and over:\n" + "{token}" * 30,
 )
 
 
 @torch.no_grad()
 def verification_probability(model, tokenizer, token_ids, templates=REPEAT_TEMPLATES) -> torch.Tensor:
-    """For each token, the highest probability (over templates) of that token at the copy position."""
+    """For each token, the highest probability (over templates) the model gives it where it must be copied."""
     model.eval()
     out = torch.zeros(len(token_ids))
-    for t in templates:
-        before, after = t.split("{token}")
-        prefix = tokenizer.encode(before, add_special_tokens=False)
-        suffix = tokenizer.encode(after, add_special_tokens=False)
-        rows = torch.tensor([prefix + [int(i)] + suffix for i in token_ids], dtype=torch.long)
-        for k in range(0, len(rows), 64):
-            logits = model(input_ids=rows[k : k + 64]).logits[:, -1].float()
-            probs = logits.softmax(-1)[torch.arange(len(rows[k : k + 64])), rows[k : k + 64, len(prefix)]]
-            out[k : k + 64] = torch.maximum(out[k : k + 64], probs)
+    for template in templates:
+        pieces = [tokenizer.encode(p, add_special_tokens=False) for p in template.split("{token}")]
+        for k in range(0, len(token_ids), 32):
+            chunk = [int(i) for i in token_ids[k : k + 32]]
+            rows = []
+            for i in chunk:
+                row = list(pieces[0])
+                for piece in pieces[1:]:
+                    row += [i] + piece
+                rows.append(row)
+            logits = model(input_ids=torch.tensor(rows)).logits[:, -1].float()
+            probs = logits.softmax(-1)[torch.arange(len(chunk)), torch.tensor(chunk)]
+            out[k : k + len(chunk)] = torch.maximum(out[k : k + len(chunk)], probs)
     return out
 
 
@@ -131,13 +184,21 @@ class UndertrainedTokenReport:
     verified: list[int]  # candidates whose repeat probability is below the threshold
 
 
-def find_undertrained_tokens(model, tokenizer, percentile: float = 2.0, max_probability: float = 0.01,
+def find_undertrained_tokens(model, tokenizer, percentile: float = 2.0, max_probability: float = 0.1,
                              reference=None) -> UndertrainedTokenReport:
-    """The paper's pipeline on any HF causal LM and its tokenizer."""
+    """The paper's pipeline on any HF causal LM and its tokenizer.
+
+    The percentile is taken over the ordinary tokens only, as in the paper's code.
+    A candidate is verified when its repeat probability stays below `max_probability`
+    (the code's "verified" band is < 0.1; < 0.001 it calls strongly verified).
+    """
     reference = reference_unused_tokens(tokenizer) if reference is None else list(reference)
+    if not reference:
+        raise ValueError("no known-unused reference tokens found; pass `reference` token ids explicitly")
     U = unembedding_matrix(model)[: len(tokenizer)]
     indicator = undertrained_indicator(U, reference)
-    found = candidates_below_percentile(indicator, percentile, exclude=reference)
+    scored = torch.tensor(ordinary_tokens(tokenizer))
+    found = scored[candidates_below_percentile(indicator[scored], percentile)].tolist()
     probs = verification_probability(model, tokenizer, found) if found else torch.zeros(0)
     verification = {i: float(p) for i, p in zip(found, probs)}
     verified = [i for i in found if verification[i] < max_probability]

@@ -14,8 +14,8 @@ import torch
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.phenomena.undertrained_tokens import (
-    candidates_below_percentile, reference_unused_tokens, unembedding_matrix, undertrained_indicator,
-    verification_probability)
+    candidates_below_percentile, input_embedding_norm, ordinary_tokens, reference_unused_tokens, unembedding_matrix,
+    undertrained_indicator, verification_probability)
 
 
 def auroc(scores_positive: np.ndarray, scores_negative: np.ndarray) -> float:
@@ -48,16 +48,15 @@ CLAIM = Claim(
         "On a base LM whose training-token counts are known exactly: (1) at least half of the tokens in the "
         "2nd-percentile candidate set occur fewer than 5 times in training, and (2) the indicator ranks "
         "never-seen tokens below tokens seen at least 5 times with AUROC >= 0.9. Reference set: the 16 "
-        "reserved special tokens plus tokens no text encodes to."
+        "reserved special tokens plus the 13 byte tokens that valid UTF-8 never contains; tokens are scored "
+        "and percentiles taken among ordinary tokens (not special, decodable, reachable), as in the paper's code."
     ),
     checks=checks,
 )
 
-SCALES = {
-    "smoke": dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.01),
-    "small": dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.01),
-    "large": dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.01),
-}
+# The scales differ only in the base LM they run on.
+SETTINGS = dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.1)
+SCALES = {"smoke": SETTINGS, "small": SETTINGS, "large": SETTINGS}
 
 
 def run(ctx: RunContext) -> Outcome:
@@ -70,40 +69,42 @@ def run(ctx: RunContext) -> Outcome:
     V = len(tokenizer)
     counts = torch.bincount(lm.blocks("train").flatten(), minlength=V)[:V].numpy()
     reference = reference_unused_tokens(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    scored = np.array([i for i in range(V) if i not in special and i not in set(reference)])
-    indicator = undertrained_indicator(unembedding_matrix(lm.model)[:V], reference).numpy()
+    scored = np.array(ordinary_tokens(tokenizer))
+    indicator = undertrained_indicator(unembedding_matrix(lm.model)[:V], reference).numpy()[scored]
+    embedding_norm = input_embedding_norm(lm.model)[:V].numpy()[scored]
+    seen = counts[scored]
 
-    never = scored[counts[scored] == 0]
-    rare = scored[(counts[scored] > 0) & (counts[scored] < s["rare_below"])]
-    common = scored[counts[scored] >= s["rare_below"]]
+    never, rare, common = seen == 0, (seen > 0) & (seen < s["rare_below"]), seen >= s["rare_below"]
     by_percentile = []
     for q in s["percentiles"]:
-        found = np.array(candidates_below_percentile(torch.from_numpy(indicator), q, exclude=set(range(V)) - set(scored.tolist())))
-        c = counts[found] if len(found) else np.array([])
+        found = np.array(candidates_below_percentile(torch.from_numpy(indicator), q), dtype=int)  # indices into scored
+        c = seen[found]
         by_percentile.append({
             "percentile": q, "candidates": int(len(found)),
             "precision_never": float((c == 0).mean()) if len(found) else None,
             "precision_never_or_rare": float((c < s["rare_below"]).mean()) if len(found) else None,
-            "recall_never": float(np.isin(never, found).mean()) if len(never) else None,
-            "recall_never_or_rare": float(np.isin(np.concatenate([never, rare]), found).mean()) if len(never) + len(rare) else None,
+            "recall_never": float(never[found].sum() / never.sum()) if never.any() else None,
+            "recall_never_or_rare": float((~common)[found].sum() / (~common).sum()) if (~common).any() else None,
         })
-    at2 = candidates_below_percentile(torch.from_numpy(indicator), 2.0, exclude=set(range(V)) - set(scored.tolist()))
-    probs = verification_probability(lm.model, tokenizer, at2).numpy() if at2 else np.array([])
-    verified = np.array(at2)[probs < s["max_probability"]] if at2 else np.array([], dtype=int)
+    at2 = np.array(candidates_below_percentile(torch.from_numpy(indicator), 2.0), dtype=int)
+    probs = verification_probability(lm.model, tokenizer, scored[at2].tolist()).numpy() if len(at2) else np.array([])
+    verified = at2[probs < s["max_probability"]]
+    both = never.any() and common.any()
     metrics = {
         "vocab": V,
         "reference_tokens": len(reference),
         "training_tokens": int(counts.sum()),
-        "never_seen": int(len(never)),
-        "rare": int(len(rare)),
-        "common": int(len(common)),
-        "auroc_never_vs_seen": auroc(indicator[never], indicator[common]) if len(never) and len(common) else None,
+        "scored_tokens": int(len(scored)),
+        "never_seen": int(never.sum()),
+        "rare": int(rare.sum()),
+        "common": int(common.sum()),
+        "auroc_never_vs_seen": auroc(indicator[never], indicator[common]) if both else None,
+        "auroc_input_embedding_norm": auroc(embedding_norm[never], embedding_norm[common]) if both else None,
         "by_percentile": by_percentile,
         "verified_at_2nd_percentile": int(len(verified)),
-        "verified_precision_never_or_rare": float((counts[verified] < s["rare_below"]).mean()) if len(verified) else None,
-        "candidate_examples": [tokenizer.convert_ids_to_tokens(int(i)) for i in at2[:15]],
-        "_plot": {"indicator": indicator[scored].tolist(), "counts": counts[scored].tolist()},
+        "verified_precision_never_or_rare": float((seen[verified] < s["rare_below"]).mean()) if len(verified) else None,
+        "candidate_examples": tokenizer.convert_ids_to_tokens(scored[at2[:15]].tolist()),
+        "_plot": {"indicator": indicator.tolist(), "counts": seen.tolist()},
     }
     return Outcome(metrics, lambda fig: plot(fig, metrics, s["rare_below"]))
 
