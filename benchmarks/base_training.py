@@ -44,7 +44,7 @@ def main(steps: int) -> None:
     peak = matmul_peak_flops()
     achieved = history["tokens_per_second"] * flops_per_token
     print(f"bf16 autocast: {bf16_autocast_available(torch.device('cpu'))}, threads: {torch.get_num_threads()}")
-    print(f"small base LM: {n_params / 1e6:.2f}M non-embedding parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
+    print(f"small base LM: {n_params / 1e6:.2f}M parameters outside the input embedding, {flops_per_token / 1e6:.1f} MFLOP/token")
     print(f"training throughput: {history['tokens_per_second']:.0f} tokens/s")
     print(f"bf16 matmul peak (2048^3, measured now): {peak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs utilisation: {achieved / peak:.1%}")

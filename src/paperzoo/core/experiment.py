@@ -147,7 +147,7 @@ def run_experiment(slug: str, scale: str = "small", seed: int = 0, model: str | 
     checks = module.CLAIM.checks(outcome.metrics)
     stem = f"{started.strftime('%Y%m%dT%H%M%SZ')}-{scale}-seed{seed}"
     path = results.new_record_path(paper.slug, stem, out)
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(13, 4.4), layout="constrained")
     outcome.plot(fig)
     png = path.with_suffix(".png")
     buffer = io.BytesIO()

@@ -104,27 +104,30 @@ def run(ctx: RunContext) -> Outcome:
         "verified_at_2nd_percentile": int(len(verified)),
         "verified_precision_never_or_rare": float((seen[verified] < s["rare_below"]).mean()) if len(verified) else None,
         "candidate_examples": tokenizer.convert_ids_to_tokens(scored[at2[:15]].tolist()),
-        "_plot": {"indicator": indicator.tolist(), "counts": seen.tolist()},
+        "_plot": {"indicator": indicator.tolist(), "embedding_norm": embedding_norm.tolist(), "counts": seen.tolist()},
     }
     return Outcome(metrics, lambda fig: plot(fig, metrics, s["rare_below"]))
 
 
 def plot(fig, m: dict, rare_below: int) -> None:
-    scatter, curves = fig.subplots(1, 2)
-    ind, cnt = np.array(m["_plot"]["indicator"]), np.array(m["_plot"]["counts"])
-    for mask, label, colour in ((cnt == 0, "never seen", "tab:red"), ((cnt > 0) & (cnt < rare_below), f"seen 1-{rare_below - 1}x", "tab:orange"),
-                                (cnt >= rare_below, f"seen >= {rare_below}x", "tab:blue")):
-        scatter.scatter(cnt[mask] + 1, ind[mask], s=4, alpha=0.5, color=colour, label=f"{label} ({mask.sum()})")
-    thr = np.quantile(ind, 0.02)
-    scatter.axhline(thr, color="black", lw=0.8, ls="--", label="2nd percentile")
-    scatter.set(xscale="log", xlabel="occurrences in training + 1", ylabel="cosine distance to unused-token mean",
-                title="Indicator against true training count")
-    scatter.legend(fontsize=7, markerscale=3)
+    unembedding, norm, curves = fig.subplots(1, 3)
+    cnt = np.array(m["_plot"]["counts"])
+    groups = ((cnt == 0, "never seen", "tab:red"), ((cnt > 0) & (cnt < rare_below), f"seen 1-{rare_below - 1}x", "tab:orange"),
+              (cnt >= rare_below, f"seen >= {rare_below}x", "tab:blue"))
+    for ax, key, ylabel, auc in ((unembedding, "indicator", "cosine distance to unused-token mean (U, 1st PC removed)",
+                                  m["auroc_never_vs_seen"]),
+                                 (norm, "embedding_norm", "input embedding L2 norm", m["auroc_input_embedding_norm"])):
+        values = np.array(m["_plot"][key])
+        for mask, label, colour in groups:
+            ax.scatter(cnt[mask] + 1, values[mask], s=4, alpha=0.5, color=colour, label=f"{label} ({mask.sum()})")
+        ax.axhline(np.quantile(values, 0.02), color="black", lw=0.8, ls="--", label="2nd percentile")
+        ax.set(xscale="log", xlabel="occurrences in training + 1", ylabel=ylabel,
+               title=f"AUROC never vs seen >= {rare_below}x: {auc if auc is not None else float('nan'):.2f}")
+        ax.legend(fontsize=7, markerscale=3)
     rows = m["by_percentile"]
     q = [r["percentile"] for r in rows]
     for key, label in (("precision_never_or_rare", "precision (never or rare)"), ("precision_never", "precision (never)"),
                        ("recall_never", "recall (never seen)")):
         curves.plot(q, [np.nan if r[key] is None else r[key] for r in rows], marker="o", label=label)
-    curves.set(xscale="log", xlabel="candidate percentile", ylim=(0, 1.05),
-               title=f"Detector quality (AUROC never vs seen: {m['auroc_never_vs_seen'] or float('nan'):.2f})")
+    curves.set(xscale="log", xlabel="candidate percentile (paper's indicator)", ylim=(0, 1.05), title="Detector quality")
     curves.legend(fontsize=7)
