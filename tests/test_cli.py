@@ -29,7 +29,7 @@ def test_list_shows_every_paper_with_counts():
 
 
 def test_list_filters():
-    r = cli("list", "--family", "compression", "--status", "implemented")
+    r = cli("list", "--family", "compression", "--status", "reproduced")
     assert "layer-pruning" in r.stdout and "undertrained-tokens" not in r.stdout
     one_line_error(cli("list", "--family", "nonsense"), "unknown family")
 
