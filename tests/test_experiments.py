@@ -31,6 +31,17 @@ def test_layer_pruning_smoke_metrics_are_consistent(smoke_lm, tmp_path):
             assert r["angular_distance"] == min(row)
 
 
+def test_layer_pruning_runs_on_a_users_gpt2_from_a_local_directory(smoke_lm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(smoke_lm.tokenizer), n_embd=32, n_layer=6, n_head=2, n_positions=128))
+    model.save_pretrained(tmp_path / "gpt2")
+    smoke_lm.tokenizer.save_pretrained(tmp_path / "gpt2")
+    record = run_experiment("layer-pruning", "smoke", model=str(tmp_path / "gpt2"), out=tmp_path / "results")
+    assert record["metrics"]["num_layers"] == 6 and record["model"] == str(tmp_path / "gpt2")
+    assert {r["n"] for r in record["metrics"]["blocks"]} == {1, 3}
+
+
 def test_undertrained_tokens_needs_exact_training_counts(tmp_path):
     from paperzoo.core.models import base_model
 

@@ -47,11 +47,11 @@ def bf16_autocast_available(device: torch.device) -> bool:
 
 
 def token_blocks(tokenizer, docs, seq_len: int) -> torch.Tensor:
-    """Concatenate documents, each followed by EOS, and cut into [N, seq_len] blocks."""
+    """Concatenate documents, each followed by EOS (when the tokenizer has one), and cut into [N, seq_len] blocks."""
     ids: list[int] = []
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     for row in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
-        ids.extend(row)
-        ids.append(tokenizer.eos_token_id)
+        ids.extend(row + separator)
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 

@@ -55,11 +55,11 @@ CLAIM = Claim(
 )
 
 SCALES = {
-    "smoke": dict(calibration_sequences=8, eval_sequences=8, block_sizes=[1, 6], random_draws=1,
+    "smoke": dict(calibration_sequences=8, eval_sequences=8, block_sizes="smallest-and-half", random_draws=1,
                   heal_steps=2, heal_batch=4, heal_lr=1e-3, lora_rank=4),
-    "small": dict(calibration_sequences=64, eval_sequences=10_000, block_sizes=[1, 2, 3, 4, 5, 6],
+    "small": dict(calibration_sequences=64, eval_sequences=10_000, block_sizes="all",
                   random_draws=2, heal_steps=40, heal_batch=8, heal_lr=1e-3, lora_rank=8),
-    "large": dict(calibration_sequences=256, eval_sequences=10_000, block_sizes=None, random_draws=4,
+    "large": dict(calibration_sequences=256, eval_sequences=10_000, block_sizes="all", random_draws=4,
                   heal_steps=400, heal_batch=16, heal_lr=3e-4, lora_rank=64),
 }
 
@@ -79,7 +79,7 @@ def run(ctx: RunContext) -> Outcome:
 
     D = angular_distances(model, calibration)
     L = D.shape[0] - 1
-    sizes = s["block_sizes"] or list(range(1, L // 2 + 1))
+    sizes = {"all": range(1, L // 2 + 1), "smallest-and-half": [1, L // 2]}[s["block_sizes"]]
     rng = random.Random(ctx.seed)
     unpruned = evaluate(model, val_blocks)
     rows = []
