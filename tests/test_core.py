@@ -146,3 +146,35 @@ def test_records_are_never_overwritten(tmp_path):
     assert a != b and json.loads(a.read_text())["verdict"] == "reproduced"
     assert results.latest("x", tmp_path)["verdict"] == "smoke"
     assert results.latest("x", tmp_path, verdict_only=True)["verdict"] == "reproduced"
+
+
+DDP_SCRIPT = """
+import torch
+from paperzoo.core.training import TrainConfig, train
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2))
+before = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+train(m, torch.randint(0, 64, (32, 16)), TrainConfig(steps=3, batch_size=4, seq_len=16, lr=1e-2))
+w = m.model.layers[0].mlp.down_proj.weight.detach().contiguous()
+replicas = [torch.zeros_like(w) for _ in range(torch.distributed.get_world_size())]
+torch.distributed.all_gather(replicas, w)
+assert not torch.equal(before, w), "training changed nothing"
+assert all(torch.equal(replicas[0], r) for r in replicas), "replicas diverged"
+print("ddp ok")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_training_under_torchrun_keeps_replicas_in_sync(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("ddp ok") == 2

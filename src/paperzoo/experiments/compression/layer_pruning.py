@@ -127,6 +127,8 @@ def plot(fig, m: dict) -> None:
     grid = np.full((L // 2 + 1, L), np.nan)
     for n in range(1, L // 2 + 1):
         grid[n, : L - n + 1] = block_distances(D, n).numpy()
-    im = heat.imshow(grid[1:], aspect="auto", origin="lower", extent=(-0.5, L - 0.5, 0.5, L // 2 + 0.5), cmap="viridis")
+    # Blocks starting at the embedding (l = 0) are far from everything; cap the scale so the rest stays legible.
+    im = heat.imshow(grid[1:], aspect="auto", origin="lower", extent=(-0.5, L - 0.5, 0.5, L // 2 + 0.5), cmap="viridis",
+                     vmax=float(np.nanpercentile(grid[1:, 1:], 98)))
     heat.set(xlabel="first removed layer l", ylabel="block size n", title="angular distance d(x^l, x^(l+n))")
     fig.colorbar(im, ax=heat)
