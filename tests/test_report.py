@@ -24,6 +24,8 @@ def test_report_files(report_dir):
     index = (report_dir / "index.html").read_text()
     assert index.count("<tr>") >= 151 and 'href="layer-pruning.html"' in index
     assert (report_dir / "layer-pruning.png").exists()
+    page = (report_dir / "layer-pruning.html").read_text()
+    assert "<h3>blocks</h3>" in page and page.count('<td>angular</td>') == 2  # per-block rows as a table
 
 
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="chromium not installed (.ci/run installs it)")

@@ -42,12 +42,27 @@ def _number(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else escape(str(v))
 
 
+def _is_rows(v) -> bool:
+    """A list of flat records (one dict of scalars per row), shown as a table."""
+    return (isinstance(v, list) and bool(v) and all(isinstance(r, dict) for r in v)
+            and all(isinstance(x, (int, float, str, bool, type(None))) for r in v for x in r.values()))
+
+
+def _rows_table(rows: list[dict]) -> str:
+    head = "".join(f"<th>{escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(k))}</td>" for k in rows[0]) + "</tr>" for r in rows)
+    return f"<table class=\"rows\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def experiment_page(paper: catalog.Paper, record: dict, plot_name: str) -> str:
     checks = "".join(f"<li>{'pass' if v else 'undecided' if v is None else 'fail'}: {escape(k)}</li>"
                      for k, v in record["checks"].items())
     scalars = "".join(f"<tr><th>{escape(k)}</th><td>{_number(v)}</td></tr>" for k, v in record["metrics"].items()
                       if isinstance(v, (int, float, str)) and not k.startswith("_"))
-    detail = {k: v for k, v in record["metrics"].items() if not k.startswith("_") and not isinstance(v, (int, float, str))}
+    tables = "".join(f"<h3>{escape(k)}</h3>{_rows_table(v)}" for k, v in record["metrics"].items()
+                     if not k.startswith("_") and _is_rows(v))
+    detail = {k: v for k, v in record["metrics"].items()
+              if not k.startswith("_") and not isinstance(v, (int, float, str)) and not _is_rows(v)}
     body = f"""<p><a href="index.html">&larr; catalogue</a></p>
 <h1>{escape(paper.title)}</h1>
 <p><a href="{paper.url}">arXiv:{paper.arxiv}</a> &middot; {escape(paper.family)} &middot; reviewed {paper.review_date}</p>
@@ -59,6 +74,7 @@ finished {escape(record['finished_at'])}, {record['wall_seconds']:.0f} s</p>
 <ul class="checks">{checks}</ul>
 <h3>Plot</h3><img class="plot" src="{escape(plot_name)}" alt="plot for {escape(paper.slug)}">
 <h3>Numbers</h3><table>{scalars}</table>
+{tables}
 <details><summary>All measured values</summary><pre>{escape(json.dumps(detail, indent=1, default=str))}</pre></details>
 <p><small>versions: {escape(json.dumps(record['versions']))}</small></p>"""
     return _page(f"{paper.slug}: {record['verdict']}", body)
