@@ -107,12 +107,24 @@ def test_drop_layers_rejects_out_of_range():
         drop_layers(tiny("llama"), 4, 3)
 
 
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", {"gate_proj", "up_proj", "down_proj"}), ("gpt2", {"c_fc", "c_proj"})])
+def test_healing_targets_only_feed_forward_layers(arch, expected):
+    from paperzoo.compression.layer_pruning import feed_forward_modules
+
+    names = feed_forward_modules(tiny(arch))
+    assert {n.rsplit(".", 1)[1] for n in names} == expected
+    assert len(names) == 6 * len(expected) and not any("attn" in n for n in names)
+
+
 def test_heal_lowers_training_loss_and_returns_a_plain_model():
     model = drop_layers(tiny("llama"), 1, 3)
     data = torch.randint(0, 8, (16, 12), generator=torch.Generator().manual_seed(0))  # an easy 8-token language
     before = model(input_ids=data, labels=data).loss.item()
     healed = heal(model, data, TrainConfig(steps=30, batch_size=8, seq_len=12, lr=1e-2), rank=4)
     assert type(healed) is type(model)
+    attention = [n for n, _ in model.named_parameters() if "self_attn" in n]
+    assert all(torch.equal(model.get_parameter(n), healed.get_parameter(n)) for n in attention)
     assert not any("lora" in n for n, _ in healed.named_parameters())
     # a random 32-d head caps how far logits can move; the drop from ~4.16 is still clear
     assert healed(input_ids=data, labels=data).loss.item() < before - 0.1

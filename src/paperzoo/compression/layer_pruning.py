@@ -23,9 +23,12 @@ Implementation notes:
 - All $L(L+1)/2$ pairs $(\ell, \ell + n)$ come from *one* forward pass per batch:
   the hooks keep every layer's last-token state and a single Gram matrix gives
   every angle (`angular_distances`). The naive scheme runs one pass per $n$.
-- Deviation: healing uses plain LoRA through peft (bf16 autocast on CPU), not
-  QLoRA. QLoRA's 4-bit base weights (bitsandbytes) save GPU memory on 70B models;
-  they change nothing in the method and do not run on a CPU.
+- Healing follows the paper's appendix: LoRA on the feed-forward (MLP) linear
+  layers only, alpha = rank, dropout 0.05, cosine schedule with warm-up, on the
+  pre-training distribution. Deviations: plain LoRA through peft (bf16 autocast on
+  CPU) instead of QLoRA, whose 4-bit base weights (bitsandbytes) only save GPU
+  memory on 70B models and do not run on a CPU; and far fewer steps (the paper uses
+  5,000 steps of 16 sequences), with the learning rate set by the caller.
 """
 
 from __future__ import annotations
@@ -169,9 +172,24 @@ def prune(model: nn.Module, calibration: Iterable, n: int) -> Compressed:
     })
 
 
-def heal(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, rank: int = 8,
-         alpha: int = 16, seed: int = 0, target_modules="all-linear") -> nn.Module:
-    """Heal a pruned model with LoRA on its linear layers (the paper uses QLoRA), merged back.
+FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+
+
+def feed_forward_modules(model: nn.Module) -> list[str]:
+    """Full names of the linear layers inside each decoder block's feed-forward sub-module."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    path, layers = decoder_layers(model)
+    names = [f"{path}.{i}.{name}" for i, layer in enumerate(layers) for name, module in layer.named_modules()
+             if name.split(".")[0] in FEED_FORWARD_NAMES and isinstance(module, (nn.Linear, Conv1D))]
+    if not names:
+        raise ValueError(f"found no feed-forward linear layers in {type(model).__name__}; pass target_modules")
+    return names
+
+
+def heal(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, rank: int = 8, seed: int = 0,
+         target_modules: list[str] | str | None = None) -> nn.Module:
+    """Heal a pruned model with LoRA (alpha = rank, dropout 0.05) on its feed-forward layers, merged back.
 
     Returns a plain model of the same class, the LoRA update folded into its weights.
     """
@@ -179,6 +197,7 @@ def heal(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, rank: int 
 
     torch.manual_seed(seed)
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM"))
+        r=rank, lora_alpha=rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+        target_modules=target_modules or feed_forward_modules(model)))
     train(lora, blocks, config, desc=f"healing with LoRA r={rank}", seed=seed)
     return lora.merge_and_unload().eval()

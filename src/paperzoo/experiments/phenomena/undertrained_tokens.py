@@ -55,7 +55,7 @@ CLAIM = Claim(
 )
 
 # The scales differ only in the base LM they run on.
-SETTINGS = dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.1)
+SETTINGS = dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.01)
 SCALES = {"smoke": SETTINGS, "small": SETTINGS, "large": SETTINGS}
 
 
