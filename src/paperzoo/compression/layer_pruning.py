@@ -23,6 +23,9 @@ Implementation notes:
 - All $L(L+1)/2$ pairs $(\ell, \ell + n)$ come from *one* forward pass per batch:
   the hooks keep every layer's last-token state and a single Gram matrix gives
   every angle (`angular_distances`). The naive scheme runs one pass per $n$.
+- The simple heuristic's indices are ambiguous in the paper ("layers L-n to L-1",
+  but also "excluding the final layer" and "beginning at the penultimate layer");
+  we follow the stated intent and keep the last layer: remove L-n-1 .. L-2.
 - Healing follows the paper's appendix: LoRA on the feed-forward (MLP) linear
   layers only, alpha = rank, dropout 0.05, cosine schedule with warm-up, on the
   pre-training distribution. Deviations: plain LoRA through peft (bf16 autocast on
