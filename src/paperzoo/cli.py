@@ -54,7 +54,12 @@ def list_papers(
         table.add_row(p.arxiv, p.slug, p.family, p.kind, f"[{STATUS_STYLE[p.status]}]{p.status}[/]", p.title)
     console.print(table)
     counts = Counter(p.status for p in rows)
-    console.print(f"{len(rows)} papers: " + ", ".join(f"{s} {counts[s]}" for s in catalog.STATUSES if counts[s]))
+    console.print(f"{len(rows)} papers" + (": " if rows else "") + ", ".join(f"{s} {counts[s]}" for s in catalog.STATUSES if counts[s]))
+
+
+def print_checks(checks: dict) -> None:
+    for name, value in checks.items():
+        console.print(f"  {'pass' if value else 'undecided' if value is None else 'fail'}: {name}")
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -86,8 +91,7 @@ def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id or slu
         return
     console.print(f"\n[bold]Last run[/] {record['finished_at']} scale={record['scale']} seed={record['seed']} "
                   f"({record['wall_seconds']:.0f}s): [{STATUS_STYLE.get(record['verdict'], 'bold')}]{record['verdict']}[/]")
-    for name, value in record["checks"].items():
-        console.print(f"  {'pass' if value else 'undecided' if value is None else 'fail'}: {name}")
+    print_checks(record["checks"])
     for k, v in _scalar_metrics(record["metrics"]).items():
         console.print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
     console.print(f"  record: {record['_path']}")
@@ -114,8 +118,7 @@ def run(
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     style = STATUS_STYLE.get(record["verdict"], "bold")
     console.print(f"[bold]{record['paper']['slug']}[/] ({record['scale']}, seed {record['seed']}): [{style}]{record['verdict']}[/]")
-    for name, value in record["checks"].items():
-        console.print(f"  {'pass' if value else 'undecided' if value is None else 'fail'}: {name}")
+    print_checks(record["checks"])
     console.print(f"record: {record['_path']}\nplot:   {Path(record['_path']).with_suffix('.png')}")
 
 
