@@ -144,8 +144,9 @@ def test_records_are_never_overwritten(tmp_path):
     b = results.new_record_path("x", "stem", tmp_path)
     results.write_record(b, {"finished_at": "2", "verdict": "smoke"})
     assert a != b and json.loads(a.read_text())["verdict"] == "reproduced"
-    assert results.latest("x", tmp_path)["verdict"] == "smoke"
-    assert results.latest("x", tmp_path, verdict_only=True)["verdict"] == "reproduced"
+    assert results.latest("x", tmp_path)["verdict"] == "reproduced"  # a later smoke run does not hide a verdict
+    assert [r["verdict"] for r in results.records("x", tmp_path)] == ["reproduced", "smoke"]
+    assert results.latest("nothing", tmp_path) is None
 
 
 DDP_SCRIPT = """

@@ -159,8 +159,8 @@ def run_experiment(slug: str, scale: str = "small", seed: int = 0, model: str | 
         "predicate": module.CLAIM.predicate,
         "scale": scale,
         "seed": seed,
-        "model": ctx.language_model().name if ctx._lm is not None else None,
-        "corpus": ctx._lm.corpus.name if ctx._lm is not None else None,
+        "model": ctx._lm.name if ctx._lm else None,  # None: the experiment used no LM
+        "corpus": ctx._lm.corpus.name if ctx._lm else None,
         "settings": ctx.settings,
         "metrics": outcome.metrics,
         "checks": checks,

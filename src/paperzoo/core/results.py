@@ -42,7 +42,8 @@ def records(slug: str, out: Path | str | None = None) -> list[dict]:
     return sorted(found, key=lambda r: (r.get("finished_at", ""), r["_path"]))
 
 
-def latest(slug: str, out: Path | str | None = None, verdict_only: bool = False) -> dict | None:
-    """The newest record; with `verdict_only`, the newest that claims a verdict (not a smoke run)."""
-    found = [r for r in records(slug, out) if not verdict_only or r.get("verdict") != "smoke"]
-    return found[-1] if found else None
+def latest(slug: str, out: Path | str | None = None) -> dict | None:
+    """The newest record that claims a verdict; the newest smoke run only when there is none."""
+    found = records(slug, out)
+    verdicts = [r for r in found if r.get("verdict") != "smoke"]
+    return (verdicts or found or [None])[-1]

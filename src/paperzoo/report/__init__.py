@@ -1,9 +1,8 @@
 """The static HTML report: the catalogue with statuses and verdicts, and one page per experiment run.
 
 Plain HTML and one stylesheet, no JavaScript, so that it opens from disk and can be
-served by anything. Each experiment page shows its latest run that claims a verdict
-(or its latest smoke run when none does), with claim, predicate, checks, the
-measured numbers and the plot.
+served by anything. Each experiment page shows the run `results.latest` picks (the
+newest with a verdict), with claim, predicate, checks, numbers and plot.
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ img.plot { max-width: 100%; border: 1px solid #ddd; }
 def _page(title: str, body: str) -> str:
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
             f"<link rel=\"stylesheet\" href=\"style.css\"></head><body>\n{body}\n</body></html>\n")
-
-
-def _shown_record(slug: str, results_dir) -> dict | None:
-    return results.latest(slug, results_dir, verdict_only=True) or results.latest(slug, results_dir)
 
 
 def _number(v) -> str:
@@ -88,7 +83,7 @@ def build_report(out: Path, results_dir=None) -> Path:
     store.write_atomic(out / "style.css", CSS)
     rows = []
     for p in catalog.papers():
-        record = _shown_record(p.slug, results_dir)
+        record = results.latest(p.slug, results_dir)
         verdict = ""
         if record is not None:
             png = Path(record["_path"]).with_suffix(".png")
