@@ -38,21 +38,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from paperzoo.compression import Compressed, parameter_bits
 from paperzoo.core.models import decoder_layers
 from paperzoo.core.training import TrainConfig, train
-
-
-@dataclass
-class Compressed:
-    """What every compression method returns: the new model and a report of what was done."""
-
-    model: nn.Module
-    report: dict = field(default_factory=dict)
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,6 +164,8 @@ def prune(model: nn.Module, calibration: Iterable, n: int) -> Compressed:
         "block_distance": float(D[start, start + n]),
         "parameters_before": sum(p.numel() for p in model.parameters()),
         "parameters_after": sum(p.numel() for p in pruned.parameters()),
+        "size_ratio": parameter_bits(pruned) / parameter_bits(model),
+        "compute_ratio": (L - n) / L,  # per-token matmuls in the decoder blocks (the head is unchanged)
     })
 
 
