@@ -1,4 +1,4 @@
-"""Both experiments end to end at smoke scale: a record with claim and checks, a plot beside it."""
+"""Every experiment end to end at smoke scale: a record with claim and checks, a plot beside it."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,10 @@ from paperzoo import catalog
 from paperzoo.core.experiment import ExperimentError, experiment_module, run_experiment
 
 
-@pytest.mark.parametrize("slug", ["layer-pruning", "undertrained-tokens"])
+WITH_EXPERIMENT = [p.slug for p in catalog.papers() if experiment_module(p.slug) is not None]
+
+
+@pytest.mark.parametrize("slug", WITH_EXPERIMENT)
 def test_smoke_run_writes_record_and_plot(slug, smoke_lm, tmp_path):
     record = run_experiment(slug, "smoke", seed=0, out=tmp_path)
     path = Path(record["_path"])
