@@ -1,0 +1,196 @@
+import pytest
+import torch
+from tiny_models import ARCHS, tiny
+
+from paperzoo.compression.l_mul_multiplication import (
+    attention_arithmetic,
+    attention_operands,
+    l_mul,
+    l_mul_matmul,
+    offset_exponent,
+    round_mantissa,
+    round_to_fp8,
+    simulated_attention,
+    simulated_matmul,
+    simulated_multiply,
+)
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_offset_exponent_follows_the_paper():
+    assert [offset_exponent(m) for m in range(1, 9)] == [1, 2, 3, 3, 4, 4, 4, 4]
+    assert offset_exponent(23) == 4
+    for bad in (0, 24, 3.0):
+        with pytest.raises(ValueError):
+            offset_exponent(bad)
+
+
+@pytest.mark.parametrize("x, y, m, expected", [
+    # no carry: (1 + x_m + y_m + 2^-l(m)) 2^(x_e + y_e)
+    (1.25, 1.25, 3, 1 + 0.25 + 0.25 + 2 ** -3),
+    (1.25, 1.25, 7, 1 + 0.25 + 0.25 + 2 ** -4),
+    (1.25, 1.5, 4, 1 + 0.25 + 0.5 + 2 ** -3),
+    (2.0, 4.0, 3, (1 + 2 ** -3) * 8),
+    (0.5, 8.0, 7, (1 + 2 ** -4) * 4),
+    (1.0, 1.0, 1, 1.5),
+    # carry: x_m + y_m + 2^-l >= 1 overflows into the exponent, (x_m + y_m + 2^-l) 2^(x_e + y_e + 1)
+    (1.5, 1.5, 3, (0.5 + 0.5 + 2 ** -3) * 2),  # 2.25, where the displayed formula would give 2.125
+    (1.75, 1.75, 3, (0.75 + 0.75 + 2 ** -3) * 2),
+    (1.5, 1.5, 7, (0.5 + 0.5 + 2 ** -4) * 2),
+    # operands are first rounded to nearest even: 1.0625 = 1.0001b has no 3-bit mantissa -> 1.0
+    (1.0625, 1.0, 3, 1 + 2 ** -3),
+    (1.1875, 1.0, 3, 1 + 0.25 + 2 ** -3),  # 1.0011b -> 1.010b
+])
+def test_l_mul_by_hand(x, y, m, expected):
+    got = l_mul(torch.tensor([x, -x, x, -x]), torch.tensor([y, y, -y, -y]), m)
+    assert got.tolist() == [expected, -expected, -expected, expected]
+
+
+@pytest.mark.parametrize("m", [1, 3, 7, 21, 22, 23])
+def test_zeros_and_range_limits_for_every_width(m):
+    big, small = 2.0 ** 126, 2.0 ** -125  # the product of big with itself overflows, of small with itself underflows
+    x = torch.tensor([0.0, 0.0, big, -big, small, big, 2.0])
+    y = torch.tensor([0.0, big, 0.0, big, small, small, 2.0 ** -100])
+    got = l_mul(x, y, m)
+    assert got[:3].abs().tolist() == [0.0, 0.0, 0.0]
+    assert got[3] == float("-inf") and got[4] == 0.0
+    assert got[5] == (1 + 2.0 ** -offset_exponent(m)) * 2.0
+    assert got[6] == (1 + 2.0 ** -offset_exponent(m)) * 2.0 ** -99
+
+
+def test_zero_overflow_underflow_and_bad_input():
+    x = torch.tensor([0.0, -0.0, 3.0, 1e30, 1e-30])
+    y = torch.tensor([5.0, 5.0, 0.0, 1e30, 1e-30])
+    got = l_mul(x, y, 4)
+    assert got[:3].abs().tolist() == [0.0, 0.0, 0.0]
+    assert got[3] == float("inf") and got[4] == 0.0
+    with pytest.raises(ValueError):
+        l_mul(torch.tensor([float("nan")]), torch.tensor([1.0]), 3)
+    with pytest.raises(ValueError):
+        l_mul(torch.tensor([1.0]), torch.tensor([float("inf")]), 3)
+    with pytest.raises(ValueError):
+        simulated_multiply(torch.ones(1), torch.ones(1), "fp7")
+
+
+def test_fp32_l_mul_is_the_papers_integer_addition():
+    """The paper's GPU routine (its Figure 2): bits(x) + bits(y) - 0x3F780000, sign by XOR."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10_000, generator=g) * 5, torch.randn(10_000, generator=g) * 5
+    bx, by = x.view(torch.int32).long(), y.view(torch.int32).long()
+    magnitude = (bx & 0x7FFFFFFF) + (by & 0x7FFFFFFF) - 0x3F780000
+    sign = (bx ^ by) & (1 << 31)
+    expected = (magnitude | sign).to(torch.int64)
+    expected = torch.where(expected >= 1 << 31, expected - (1 << 32), expected).to(torch.int32).view(torch.float32)
+    assert torch.equal(l_mul(x, y, 23), expected)
+
+
+def test_rounding_matches_torch_casts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g) * 3
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -4 + 2 ** -5])  # exact halfway cases
+    for v in (x, ties):
+        assert torch.equal(round_mantissa(v, 7), v.bfloat16().float())
+    normal = x[(x.abs() > 2 ** -6) & (x.abs() < 200)]
+    assert torch.equal(round_mantissa(normal, 3), normal.to(torch.float8_e4m3fn).float())
+    assert torch.equal(round_mantissa(normal, 2), normal.to(torch.float8_e5m2).float())
+    assert torch.equal(round_mantissa(x, 23), x)
+
+
+def test_fp8_per_tensor_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g)
+    x = x / x.abs().max() * 300  # max |x| = 300: the power-of-two scale is 1
+    assert torch.equal(round_to_fp8(x, torch.float8_e4m3fn), x.to(torch.float8_e4m3fn).float())
+    # a power-of-two rescaling of the tensor is undone exactly
+    assert torch.equal(round_to_fp8(x * 2 ** -20, torch.float8_e4m3fn), round_to_fp8(x, torch.float8_e4m3fn) * 2 ** -20)
+    tiny_values = torch.full((4,), 1e-5)  # below e4m3's smallest subnormal unscaled: 0 without the scale
+    assert round_to_fp8(tiny_values, torch.float8_e4m3fn, scaled=False).eq(0).all()
+    assert torch.allclose(round_to_fp8(tiny_values, torch.float8_e4m3fn), tiny_values, rtol=2 ** -4)
+
+
+@pytest.mark.parametrize("m", [3, 4, 7])
+def test_matmul_is_elementwise_l_mul_summed(m):
+    g = torch.Generator().manual_seed(m)
+    a, b = torch.randn(2, 3, 9, 16, generator=g), torch.randn(3, 16, 5, generator=g)  # b broadcasts over a's batch
+    a[0, 0, 0, :4] = 0.0
+    expected = l_mul(a[..., :, None, :], b.transpose(-1, -2)[..., None, :, :], m).sum(-1)
+    assert torch.equal(l_mul_matmul(a, b, m), expected)
+    assert torch.equal(l_mul_matmul(a, b, m, max_elements=50), expected)  # row-chunked
+    assert torch.equal(l_mul_matmul(a, b, m, max_elements=3000), expected)  # several matrices per chunk
+    with pytest.raises(ValueError):
+        l_mul_matmul(a, b.transpose(-1, -2), m)
+    a[1, 2, 3, :2], b[2, :2, 1] = 1e30, 1e30  # products that overflow and underflow
+    a[1, 2, 4, :2], b[2, :2, 2] = 1e-30, 1e-30
+    expected = l_mul(a[..., :, None, :], b.transpose(-1, -2)[..., None, :, :], m).sum(-1)
+    assert torch.equal(l_mul_matmul(a, b, m), expected) and torch.isinf(expected).any()
+
+
+def test_simulated_matmul_arithmetics():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 32, generator=g), torch.randn(32, 8, generator=g)
+    assert torch.equal(simulated_matmul(a, b, "exact"), a @ b)
+    assert torch.equal(simulated_matmul(a, b, "bf16"), a.bfloat16().float() @ b.bfloat16().float())
+    errors = {ar: (simulated_matmul(a, b, ar) - a @ b).abs().mean().item()
+              for ar in ("bf16", "fp8-e4m3", "fp8-e5m2", "l-mul-3", "l-mul-7")}
+    assert errors["bf16"] < errors["fp8-e4m3"] < errors["fp8-e5m2"]
+    assert errors["l-mul-7"] < errors["l-mul-3"] and 0 < errors["l-mul-7"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_attention_reproduces_the_models_logits(arch):
+    model = tiny(arch)
+    own = model(input_ids=IDS).logits  # the model's default (sdpa) attention
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=IDS).logits
+    with attention_arithmetic(model, "exact"):
+        assert model.config._attn_implementation == "paperzoo-exact"
+        exact = model(input_ids=IDS).logits
+    assert model.config._attn_implementation == "eager", "the previous implementation must be restored"
+    assert torch.equal(exact, eager)
+    assert torch.allclose(exact, own, atol=1e-5)
+    with attention_arithmetic(model, "l-mul-3"):
+        approx = model(input_ids=IDS).logits
+    assert not torch.equal(approx, exact) and torch.allclose(approx, exact, atol=0.2)
+
+
+def test_l_mul_attention_stays_causal():
+    model = tiny("llama")
+    changed = IDS.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 64
+    with attention_arithmetic(model, "l-mul-4"):
+        a, b = model(input_ids=IDS).logits, model(input_ids=changed).logits
+    assert torch.equal(a[:, :8], b[:, :8]) and not torch.equal(a[:, 8:], b[:, 8:])
+
+
+def test_attention_operands_are_the_models():
+    model = tiny("llama")
+    model.set_attn_implementation("eager")
+    weights = model(input_ids=IDS, output_attentions=True).attentions
+    record = attention_operands(model, IDS)
+    assert len(record) == len(weights) == 6
+    for rec, w in zip(record, weights):
+        assert torch.equal(rec["probs"], w)
+        assert rec["key"].shape == rec["query"].shape  # kv heads repeated for grouped-query attention
+        assert torch.equal(rec["probs"].triu(1), torch.zeros_like(w))  # causal
+
+
+def test_unsupported_attention_features_raise():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError):
+        simulated_attention(torch.nn.Module(), q, q, q, None, arithmetic="l-mul-3", softcap=30.0)
+
+
+def test_checks_by_hand():
+    from paperzoo.experiments.compression.l_mul_multiplication import checks
+
+    def table(l3, l4, e4, e5):
+        return {"l-mul-3": {"mean_relative_error": l3}, "l-mul-4": {"mean_relative_error": l4},
+                "fp8-e4m3": {"mean_relative_error": e4}, "fp8-e5m2": {"mean_relative_error": e5}}
+
+    m = {"elementwise": {"gaussian": table(0.05, 0.0374, 0.03, 0.06), "attention": table(0.06, 0.05, 0.03, 0.06)},
+         "perplexity": {"exact": 100.0, "l-mul-7": 101.0, "l-mul-3": 102.0, "fp8-e5m2": 101.0,
+                        "l-mul-4": 103.0, "fp8-e4m3": 100.0}}
+    # gaussian: 0.05 < 0.06, 0.0374 <= 1.25 * 0.03; attention: 0.06 = 0.06 (not below), 0.05 > 0.0375;
+    # perplexity: 101 <= 101, 102 <= 102.01, 103 > 101
+    assert list(checks(m).values()) == [True, True, False, False, True, True, False]
