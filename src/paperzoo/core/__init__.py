@@ -7,4 +7,6 @@
 - `training`: the one training loop.
 - `evaluation`: perplexity and next-token accuracy.
 - `experiment`: claims as data, scales, the harness that runs an experiment to a verdict.
+- `reasoning`: verifiable reasoning tasks, thinking traces, the cached tiny reasoner and draft LMs.
+- `sampling`: sampling with per-token log-probabilities and entropies, and exact token counts.
 """

@@ -1,0 +1,85 @@
+"""Sampling from a causal LM with the per-token statistics decoding papers read.
+
+`sample` wraps transformers' `generate` (it already does batching, the KV cache,
+temperature and top-p) and adds what `generate` does not return directly: for every
+generated token, its log-probability and the entropy of the model's next-token
+distribution, and an exact token count that stops at the first EOS (positions after
+it are padding, not tokens spent).
+
+Statistics are read from the *raw* logits (`output_logits=True`), that is the model's
+own distribution at temperature 1, whatever temperature was sampled at: confidence
+measures such as DeepConf's are defined on the model's distribution.
+
+Methods that need control `generate` does not give (forcing or suppressing a token
+mid-sequence, stopping on a running statistic, drafting and verifying) write their
+own loop over `model(...)` with `past_key_values`; see `paperzoo.decoding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    tokens: list[int]  # generated tokens, up to and including the first EOS
+    text: str  # decoded generated tokens, special tokens kept
+    logprobs: torch.Tensor  # [len(tokens)] log p(token_t | prefix) under the model at temperature 1
+    entropies: torch.Tensor  # [len(tokens)] entropy (nats) of the model's next-token distribution
+    finished: bool  # ended with EOS rather than running out of budget
+    top_logprobs: torch.Tensor | None = None  # [len(tokens), k] the k largest log-probabilities at each step
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def token_statistics(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = 0):
+    """log p of `tokens`, entropy, and the top-k log-probabilities, from raw `logits` [..., V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top = logp.topk(top_k, dim=-1).values if top_k else None
+    return chosen, entropy, top
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_new_tokens: int = 64,
+           temperature: float = 1.0, top_p: float = 1.0, top_k_logprobs: int = 0, seed: int = 0,
+           batch_size: int = 64) -> list[Sample]:
+    """`num_samples` completions of each prompt (greedy when temperature is 0), with statistics.
+
+    Returns samples grouped by prompt: prompt 0's samples first. The tokenizer must
+    pad on the left (decoder-only batching).
+    """
+    if tokenizer.padding_side != "left":
+        raise ValueError("sample() needs a tokenizer with padding_side='left' for batched decoding")
+    eos = tokenizer.eos_token_id
+    greedy = temperature == 0
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(1 if greedy else num_samples)]
+    out: list[Sample] = []
+    torch.manual_seed(seed)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                             return_dict_in_generate=True, output_logits=True, **kwargs)
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]  # [B, T]
+        logits = torch.stack(gen.logits, dim=1)  # [B, T, V], raw
+        chosen, entropy, top = token_statistics(logits, new, top_k_logprobs)
+        for row, (i, _) in enumerate(chunk):
+            ids = new[row].tolist()
+            n = ids.index(eos) + 1 if eos in ids else len(ids)
+            out.append(Sample(i, ids[:n], tokenizer.decode(ids[:n]), chosen[row, :n], entropy[row, :n],
+                              eos in ids, None if top is None else top[row, :n]))
+    return out
+
+
+def accuracy(samples: Sequence[Sample], problems, verify) -> float:
+    """Share of samples whose text `verify(problem, text)` accepts."""
+    return sum(bool(verify(problems[s.prompt_index], s.text)) for s in samples) / max(len(samples), 1)
