@@ -66,7 +66,7 @@ def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_n
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
                              return_dict_in_generate=True, output_logits=True, **kwargs)
         new = gen.sequences[:, enc["input_ids"].shape[1]:]  # [B, T]
