@@ -1,0 +1,166 @@
+"""Budget forcing (2501.19393): forced stops land exactly at the budget, suppression holds, no-op equals greedy."""
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from paperzoo.core.reasoning import END_THINK, THINK, reasoner, reasoning_tokenizer
+from paperzoo.decoding import greedy_decode
+from paperzoo.decoding.budget_forcing import budget_force, budget_force_batch, scaling
+
+PROMPTS = ["Q: 12+34\n<think>", "Q: 5x-3=12\n<think>", "Q: 91-17+40-3\n<think>"]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return reasoner("smoke")
+
+
+@contextmanager
+def logit_bias(model, token: int, bias: float):
+    """Add `bias` to one token's logit through a hook on the unmodified model's output layer."""
+    def hook(module, args, output):
+        output = output.clone()
+        output[..., token] += bias
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_no_cap_and_no_extensions_is_plain_greedy_decoding(smoke):
+    gens = budget_force_batch(smoke.model, smoke.tokenizer, PROMPTS, max_new_tokens=40, max_answer_tokens=1000)
+    for prompt, g in zip(PROMPTS, gens):  # batched with left padding, against generate one prompt at a time
+        assert g.tokens == greedy_decode(smoke.model, smoke.tokenizer, prompt, max_new_tokens=40).tokens
+    with logit_bias(smoke.model, smoke.tokenizer.convert_tokens_to_ids(END_THINK), 4.0):  # a run that answers
+        for prompt in PROMPTS:
+            g = budget_force(smoke.model, smoke.tokenizer, prompt, max_new_tokens=40, max_answer_tokens=1000)
+            assert g.tokens == greedy_decode(smoke.model, smoke.tokenizer, prompt, max_new_tokens=40).tokens
+
+
+def test_no_op_equals_greedy_on_a_gpt2():
+    tok = reasoning_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)).eval()
+    for prompt in PROMPTS:
+        got = budget_force(model, tok, prompt, max_new_tokens=20, max_answer_tokens=1000)
+        assert got.tokens == greedy_decode(model, tok, prompt, max_new_tokens=20).tokens
+
+
+@pytest.mark.parametrize("budget", [0, 1, 7])
+def test_forced_stop_puts_the_delimiter_exactly_at_the_budget(smoke, budget):
+    tok = smoke.tokenizer
+    d = tok.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, -1e4):  # a model that would never stop thinking by itself
+        gens = budget_force_batch(smoke.model, tok, PROMPTS, max_thinking_tokens=budget, max_answer_tokens=5)
+    for g in gens:
+        assert g.tokens[budget] == d and d not in g.tokens[:budget]
+        assert g.stats["delimiter_at"] == budget and g.stats["thinking_tokens"] == budget
+        assert g.stats["forced_stop"] and 1 <= g.stats["answer_tokens"] <= 5
+        assert len(g.tokens) == budget + 1 + g.stats["answer_tokens"]
+
+
+def test_suppression_replaces_the_delimiter_with_wait_exactly_n_times(smoke):
+    tok = smoke.tokenizer
+    d, wait = tok.convert_tokens_to_ids(END_THINK), ids(tok, "Wait")
+    with logit_bias(smoke.model, d, 1e4):  # a model that always wants to stop thinking
+        for N in range(4):
+            g = budget_force(smoke.model, tok, PROMPTS[0], num_extensions=N, max_answer_tokens=3)
+            assert g.tokens[: 4 * N] == wait * N and g.tokens[4 * N] == d
+            assert g.stats["extensions"] == N and g.stats["thinking_tokens"] == 4 * N
+            assert not g.stats["forced_stop"] and g.tokens.count(d) - g.tokens[4 * N + 1:].count(d) == 1
+
+
+def test_suppression_never_lets_the_delimiter_through_early_when_sampling(smoke):
+    tok = smoke.tokenizer
+    d = tok.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, 3.0):  # the delimiter is likely but not certain at each step
+        for seed in range(4):
+            g = budget_force(smoke.model, tok, PROMPTS[1], num_extensions=3, temperature=1.0, seed=seed,
+                             max_new_tokens=60, max_answer_tokens=3)
+            at = g.stats["delimiter_at"]
+            if at is not None:
+                assert g.stats["extensions"] == 3 and d not in g.tokens[:at]
+                assert tok.decode(g.tokens[:at]).count("Wait") >= 3
+            else:
+                assert d not in g.tokens
+
+
+def test_the_cap_wins_inside_a_continuation(smoke):
+    tok = smoke.tokenizer
+    d = tok.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, 1e4):
+        g = budget_force(smoke.model, tok, PROMPTS[0], max_thinking_tokens=6, num_extensions=5, max_answer_tokens=2)
+    assert tok.decode(g.tokens[:7]) == "WaitWa" + END_THINK
+    assert g.stats["forced_stop"] and g.stats["extensions"] == 2 and g.stats["thinking_tokens"] == 6
+
+
+def test_empty_continuation_suppresses_the_delimiter_alone(smoke):
+    tok = smoke.tokenizer
+    d = tok.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, 1e4):
+        g = budget_force(smoke.model, tok, PROMPTS[0], num_extensions=3, continuation="", max_answer_tokens=2)
+        logits = smoke.model(**tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+    logits[d] = -math.inf
+    assert g.tokens[0] == int(logits.argmax()) and d not in g.tokens[:3] and g.tokens[3] == d
+    assert g.stats["extensions"] == 3 and g.stats["thinking_tokens"] == 3
+
+
+def test_answer_prefix_follows_the_delimiter_and_eos_while_thinking_ends_the_run(smoke):
+    tok = smoke.tokenizer
+    d = tok.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, -1e4):
+        g = budget_force(smoke.model, tok, PROMPTS[0], max_thinking_tokens=2, answer_prefix="Final:",
+                         max_answer_tokens=8)
+    assert tok.decode(g.tokens[2:9]) == END_THINK + "Final:"
+    with logit_bias(smoke.model, tok.eos_token_id, 1e4):
+        g = budget_force(smoke.model, tok, PROMPTS[0], num_extensions=2)
+    assert g.tokens == [tok.eos_token_id] and g.stats["delimiter_at"] is None and g.stats["finished"]
+
+
+def test_forward_passes_are_counted_one_per_fed_token(smoke):
+    with logit_bias(smoke.model, smoke.tokenizer.convert_tokens_to_ids(END_THINK), -1e4):
+        g = budget_force(smoke.model, smoke.tokenizer, PROMPTS[0], max_thinking_tokens=5, max_answer_tokens=4)
+    # the prompt pass yields the first token; every later token needs one pass; the last one none
+    assert 6 < g.num_tokens <= 10 and g.forward_passes == g.num_tokens
+
+
+def test_bad_arguments_raise(smoke):
+    m, tok = smoke.model, smoke.tokenizer
+    with pytest.raises(ValueError, match="single token"):
+        budget_force(m, tok, PROMPTS[0], end_of_thinking="Answer:")
+    with pytest.raises(ValueError, match="max_thinking_tokens"):
+        budget_force(m, tok, PROMPTS[0], max_thinking_tokens=-1)
+    with pytest.raises(ValueError, match="num_extensions"):
+        budget_force(m, tok, PROMPTS[0], num_extensions=-2)
+    assert THINK not in PROMPTS[0].replace("<think>", "")  # the prompts end with the opening delimiter only
+
+
+def test_scaling_metric_by_hand():
+    # slopes: (0.3 - 0.1) / 10 = 0.02, (0.4 - 0.1) / 20 = 0.015, (0.4 - 0.3) / 10 = 0.01 -> mean 0.015
+    assert math.isclose(scaling([(10, 0.3), (0, 0.1), (20, 0.4)]), 0.015)
+    assert scaling([(5, 0.2), (5, 0.9)]) is None
+    assert scaling([(0, 0.5), (10, 0.4)]) < 0
+
+
+def test_predicate_by_hand():
+    from paperzoo.experiments.decoding.budget_forcing import checks
+
+    rows = [{"kind": "wait", "N": n, "accuracy": a} for n, a in ((0, 0.50), (1, 0.53), (2, 0.55), (3, 0.56), (4, 0.57))]
+    m = {"rows": rows, "control": 1.0, "scaling_cap": 0.01, "scaling_wait": 0.002}
+    assert list(checks(m).values()) == [True, True, True, True]  # +5 then +2 points: flattening
+    rows[4]["accuracy"] = 0.61  # +5 then +6: no flattening
+    m.update(control=0.99, scaling_cap=0.0)
+    assert list(checks(m).values()) == [False, False, True, False]
+    m.update(scaling_wait=-0.001)
+    assert list(checks(m).values())[2:] == [False, None]  # nothing to flatten when extensions do not help
