@@ -16,6 +16,16 @@ def paperzoo_home(tmp_path_factory):
         os.environ["PAPERZOO_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests run tiny models, whose small operations gain nothing from a second thread and, on a busy
+    machine, wait for it (measured: 50x slower decoding steps with two threads under load)."""
+    from paperzoo.core.training import single_thread
+
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def smoke_lm(paperzoo_home):
     from paperzoo.core.models import base_model

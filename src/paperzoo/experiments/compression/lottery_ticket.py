@@ -15,7 +15,6 @@ Metrics are means over trials, as in the paper (which averages five).
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from paperzoo.compression.lottery_ticket import (
     remaining_fraction,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
+from paperzoo.core.training import single_thread
 
 MODERATE = 0.2  # "winning tickets ... down to 21.1% learn faster and reach higher test accuracy" (Lenet)
 SPARSE = 0.25  # levels where the paper's re-initialised tickets have fallen behind (from 21.1% down)
@@ -167,17 +167,6 @@ def _evaluate(model: nn.Module, data: dict) -> tuple[float, float]:
     return val_loss, test_accuracy
 
 
-@contextmanager
-def _single_thread():
-    # Matmuls of 60 x 300 are far too small to split: two threads ran ~50x slower on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def make_train_fn(data: dict, schedule: torch.Tensor, s: dict):
     """train_fn(model, start, stop) for find_winning_ticket: Adam on the fixed batch schedule."""
     X, y = data["train"]
@@ -187,7 +176,7 @@ def make_train_fn(data: dict, schedule: torch.Tensor, s: dict):
         optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"])
         record = {"iterations": [], "val_loss": [], "test_accuracy": []}
         model.train()
-        with _single_thread():
+        with single_thread():  # 60 x 300 matmuls are far too small to split across threads
             for it in range(start + 1, stop + 1):
                 idx = schedule[it - 1]
                 loss = nn.functional.cross_entropy(model(X[idx]), y[idx])

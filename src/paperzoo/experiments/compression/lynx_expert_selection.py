@@ -31,7 +31,6 @@ import json
 import math
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from paperzoo.compression.lynx_expert_selection import (
 from paperzoo.core import store
 from paperzoo.core.evaluation import evaluate
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.training import TrainConfig, train
+from paperzoo.core.training import TrainConfig, single_thread, train
 
 POLICIES = ("full", "lynx", "top1")
 ACCURACY_BUDGET = 0.01  # the paper's "less than 1% points" of accuracy
@@ -97,16 +96,6 @@ SCALES = {
               "eval_rows": 128, "prefill_tokens": 32, "batch_sizes": [1, 4, 16, 64], "num_kept": 4,
               "kept_sweep": [1, 2, 3, 4, 5, 6, 8], "latency_prompt": 32, "latency_steps": 16, "latency_rounds": 5},
 }
-
-
-@contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_moe(lm, s: dict, seed: int):
@@ -206,7 +195,7 @@ def decode_step_latency(model, prompts: torch.Tensor, steps: int, rounds: int, m
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
     lm = ctx.language_model()
-    with one_thread():
+    with single_thread():
         try:
             moe_layers(lm.model)
             model, training = lm.model.eval(), {"trained_here": False}
