@@ -1,0 +1,139 @@
+"""Overthinking (2412.21187): rounds, the two efficiency metrics by hand, FCS(+Reflection), SimPO."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from paperzoo.core.reasoning import problems
+from paperzoo.decoding.overthinking_efficiency import (
+    SolutionRounds,
+    completion_logprobs,
+    outcome_efficiency,
+    process_efficiency,
+    rounds_of,
+    simpo_loss,
+    simpo_step,
+    split_rounds,
+    streamline,
+)
+from paperzoo.experiments.decoding.overthinking_efficiency import (
+    checks,
+    overthinking_text,
+    round_is_correct,
+    scratchpad_key,
+)
+from tests.tiny_models import tiny
+
+
+def test_split_rounds_is_lossless_and_splits_at_line_starts():
+    text = "2+3=5\nWait, check:\n2+3=5\nWait, no Wait here\nWait again\n"
+    rounds = split_rounds(text)
+    assert "".join(rounds) == text
+    assert rounds == ["2+3=5\n", "Wait, check:\n2+3=5\n", "Wait, no Wait here\n", "Wait again\n"]
+    assert split_rounds("no marker at all") == ["no marker at all"]
+    with pytest.raises(ValueError):
+        split_rounds("x", marker="")
+
+
+def test_efficiencies_by_hand():
+    # Response A: rounds of 10, 20, 30 tokens; first correct in round 2 -> T_hat = 30 of 60; rounds 1,2 distinct.
+    a = SolutionRounds((10, 20, 30), (False, True, True), (True, True, False), True)
+    # Response B: wrong final answer -> sigma = 0; single distinct round of 40.
+    b = SolutionRounds((40,), (False,), (True,), False)
+    assert outcome_efficiency([a]) == pytest.approx(0.5)
+    assert outcome_efficiency([a, b]) == pytest.approx(0.25)
+    assert process_efficiency([a]) == pytest.approx(0.5)
+    assert process_efficiency([a, b]) == pytest.approx(0.75)
+    one = SolutionRounds((7,), (True,), (True,), True)
+    assert outcome_efficiency([one]) == 1.0 and process_efficiency([one]) == 1.0
+
+
+def test_bad_rounds_raise():
+    with pytest.raises(ValueError):
+        SolutionRounds((1, 2), (True,), (True, True), True)
+    with pytest.raises(ValueError):
+        outcome_efficiency([])
+    with pytest.raises(ValueError):
+        process_efficiency([SolutionRounds((0,), (True,), (True,), True)])
+
+
+def test_rounds_of_marks_repeats_as_not_distinct():
+    r = rounds_of(["a=1\n", "Wait, check:\na=1\n", "Wait, check:\nb=1\n"], len, lambda t: t.endswith("=1\n"),
+                  scratchpad_key, True)
+    assert r.distinct == (True, False, True) and r.first_correct == 0 and r.tokens == (4, 17, 17)
+
+
+def test_overthinking_trace_metrics_on_a_real_problem():
+    q = problems(1, "train", kinds=["linear_equation"])[0]
+    text = overthinking_text(q, 3)[len(q.prompt):]
+    thinking = text.split("</think>")[0]
+    rounds = split_rounds(thinking)
+    assert len(rounds) == 4 and all(round_is_correct(q, t) for t in rounds)
+    assert len({scratchpad_key(t) for t in rounds}) == 1  # the same solution four times
+    resp = rounds_of(rounds, len, lambda t: round_is_correct(q, t), scratchpad_key, True)
+    assert outcome_efficiency([resp]) == pytest.approx(len(rounds[0]) / len(thinking))
+    assert process_efficiency([resp]) == pytest.approx(len(rounds[0]) / len(thinking))
+
+
+def test_streamline_keeps_first_correct_plus_reflections():
+    resp = "x=3\nWait, check:\nx=4\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
+    ok = lambda t: t.strip().endswith("=4")
+    assert streamline(resp, ok, "</think>", reflections=0) == "x=3\nWait, check:\nx=4\n</think>Answer: 4"
+    assert streamline(resp, ok, "</think>", reflections=1) == \
+        "x=3\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
+    assert streamline(resp, lambda t: False, "</think>") is None
+    assert streamline("no delimiter", ok, "</think>") is None
+    with pytest.raises(ValueError):
+        streamline(resp, ok, "</think>", reflections=-1)
+
+
+def test_simpo_loss_by_hand():
+    # margin = 2 * (-4/2) - 2 * (-9/3) - 1 = -4 + 6 - 1 = 1
+    loss = simpo_loss(torch.tensor([-4.0]), torch.tensor([2]), torch.tensor([-9.0]), torch.tensor([3]), 2.0, 1.0)
+    assert float(loss) == pytest.approx(-float(F.logsigmoid(torch.tensor(1.0))))
+    # a longer chosen response with the same per-token likelihood gets the same loss (length-normalised)
+    a = simpo_loss(torch.tensor([-2.0]), torch.tensor([4]), torch.tensor([-3.0]), torch.tensor([3]))
+    b = simpo_loss(torch.tensor([-4.0]), torch.tensor([8]), torch.tensor([-3.0]), torch.tensor([3]))
+    assert torch.allclose(a, b)
+    with pytest.raises(ValueError):
+        simpo_loss(torch.tensor([-1.0]), torch.tensor([0]), torch.tensor([-1.0]), torch.tensor([1]))
+
+
+def test_completion_logprobs_match_unpadded_forward():
+    model = tiny("qwen2")
+    prompts, completions = [[3, 4, 5], [7]], [[9, 10], [11, 12, 13, 14]]
+    got, n = completion_logprobs(model, prompts, completions, pad_id=0)
+    assert n.tolist() == [2, 4]
+    for i in range(2):
+        ids = torch.tensor([prompts[i] + completions[i]])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        tgt = ids[0, 1:]
+        assert torch.allclose(got[i], logp[torch.arange(len(tgt)), tgt][len(prompts[i]) - 1 :].sum(), atol=1e-4)
+
+
+def test_simpo_steps_raise_the_preferred_short_response():
+    model = tiny("llama")
+    prompts, chosen, rejected = [[3, 4]], [[9, 10, 0]], [[9, 10, 20, 21, 22, 0]]
+
+    def margin():
+        with torch.no_grad():
+            lp, n = completion_logprobs(model, prompts * 2, chosen + rejected, 0)
+        return float(lp[0] / n[0] - lp[1] / n[1])
+
+    before = margin()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        simpo_step(model, opt, prompts, chosen, rejected, pad_id=0)
+    assert margin() > before
+
+
+def test_checks_by_hand():
+    def m(before_tokens, after_tokens, acc_before, acc_after, rounds=4.0):
+        e = lambda t, a, r, oe: {"mean_tokens": t, "accuracy": a, "mean_rounds": r, "outcome_efficiency": oe}
+        return {"eval": {"overthinking": e(before_tokens, acc_before, rounds, 0.2),
+                         "after SimPO": e(after_tokens, acc_after, 2.0, 0.5)}}
+    assert all(checks(m(100, 60, 0.40, 0.39)).values())
+    c = checks(m(100, 75, 0.40, 0.35))
+    assert c["generated tokens fall by at least 30% after FCS+Reflection SimPO"] is False
+    assert c["accuracy is maintained (at most 3 points lower)"] is False
+    assert all(v is None for v in checks(m(100, 60, 0.4, 0.4, rounds=1.2)).values())
