@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from paperzoo.core.sampling import completion_logprobs
 from paperzoo.decoding.bon_aware_finetuning import (
     bon_gain,
     bon_rlb_weights,
     bon_success_probability,
-    completion_logprobs,
     pass_at_k,
     rejection_sampling_weights,
     weighted_finetune_step,
@@ -97,7 +97,7 @@ def test_pass_at_k_by_hand():
 def test_completion_logprobs_match_unpadded_forward(arch):
     model = tiny(arch)
     prompts, completions = [[3, 4, 5], [7]], [[9, 10], [11, 12, 13, 14]]
-    got = completion_logprobs(model, prompts, completions, pad_id=0)
+    got, _ = completion_logprobs(model, prompts, completions, pad_id=0)
     for i in range(2):
         ids = torch.tensor([prompts[i] + completions[i]])
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -109,11 +109,11 @@ def test_completion_logprobs_match_unpadded_forward(arch):
 def test_weighted_step_moves_likelihood_with_the_sign_of_the_weight():
     model = tiny("llama")
     prompts, completions = [[3, 4], [3, 4]], [[9, 10, 11], [20, 21, 22]]
-    before = completion_logprobs(model, prompts, completions, 0).detach()
+    before = completion_logprobs(model, prompts, completions, 0)[0].detach()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):
         weighted_finetune_step(model, opt, prompts, completions, torch.tensor([1.0, -1.0]), pad_id=0)
-    after = completion_logprobs(model, prompts, completions, 0).detach()
+    after = completion_logprobs(model, prompts, completions, 0)[0].detach()
     assert after[0] > before[0] and after[1] < before[1]
     assert weighted_finetune_step(model, opt, prompts, completions, torch.zeros(2), pad_id=0) == 0.0
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from paperzoo.core.reasoning import problems
+from paperzoo.core.sampling import completion_logprobs
 from paperzoo.decoding.overthinking_efficiency import (
     SolutionRounds,
-    completion_logprobs,
     outcome_efficiency,
     process_efficiency,
     rounds_of,

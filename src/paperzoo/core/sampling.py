@@ -80,6 +80,32 @@ def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_n
     return out
 
 
+def completion_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""($\log\pi(y_i\mid x_i)$ summed over completion tokens, $|y_i|$) for token-id lists; each [M].
+
+    With gradients, for fine-tuning objectives. Right padding, so the positions of real
+    tokens are 0..L-1 as in an unpadded forward, and only completion tokens are scored.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError("prompts and completions must be non-empty lists of the same length")
+    if any(len(x) == 0 for x in prompts) or any(len(y) == 0 for y in completions):
+        raise ValueError("every prompt and every completion needs at least one token")
+    seqs = [list(x) + list(y) for x, y in zip(prompts, completions)]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    scored = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for i, (x, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        scored[i, len(x) : len(s)] = True
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [M, L-1, V]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [M, L-1]
+    mask = scored[:, 1:]
+    return (logp * mask).sum(1), mask.sum(1)
+
+
 def accuracy(samples: Sequence[Sample], problems, verify) -> float:
     """Share of samples whose text `verify(problem, text)` accepts."""
     return sum(bool(verify(problems[s.prompt_index], s.text)) for s in samples) / max(len(samples), 1)

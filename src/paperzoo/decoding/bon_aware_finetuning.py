@@ -61,6 +61,8 @@ from collections.abc import Sequence
 
 import torch
 
+from paperzoo.core.sampling import completion_logprobs
+
 
 def bon_success_probability(p: torch.Tensor, N: int) -> torch.Tensor:
     """$1 - (1 - p)^N$: the chance that BoN with an exact verifier returns a correct answer."""
@@ -102,31 +104,6 @@ def rejection_sampling_weights(correct: torch.Tensor) -> torch.Tensor:
     return correct.float()
 
 
-def completion_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                        pad_id: int) -> torch.Tensor:
-    r"""$\log\pi(y_i \mid x_i)$ summed over completion tokens, for token-id lists; returns [M].
-
-    Sequences are right-padded (positions stay 0..L-1 for every real token, so no
-    position ids are needed) and only completion positions are scored.
-    """
-    if len(prompts) != len(completions) or not prompts:
-        raise ValueError("prompts and completions must be non-empty lists of the same length")
-    if any(len(x) == 0 for x in prompts):
-        raise ValueError("every prompt needs at least one token")
-    seqs = [list(x) + list(y) for x, y in zip(prompts, completions)]
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), L), dtype=torch.long)
-    scored = torch.zeros((len(seqs), L), dtype=torch.bool)  # positions whose token is a completion token
-    for i, (x, s) in enumerate(zip(prompts, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        scored[i, len(x) : len(s)] = True
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [M, L-1, V] predicts t+1
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [M, L-1]
-    return (logp * scored[:, 1:]).sum(dim=1)
-
-
 def weighted_nll(logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     r"""$-\frac1M \sum_i w_i \log\pi(y_i \mid x_i)$; its gradient is the (negated) weighted score function."""
     if logp.shape != weights.shape:
@@ -145,7 +122,7 @@ def weighted_finetune_step(model, optimizer, prompts: Sequence[Sequence[int]], c
     if not keep:
         return 0.0
     model.train()
-    logp = completion_logprobs(model, [prompts[i] for i in keep], [completions[i] for i in keep], pad_id)
+    logp, _ = completion_logprobs(model, [prompts[i] for i in keep], [completions[i] for i in keep], pad_id)
     # Mean over all M samples (zeros included), so the step size does not depend on how many were skipped.
     loss = weighted_nll(logp, weights[keep].to(logp.dtype)) * len(keep) / len(completions)
     optimizer.zero_grad(set_to_none=True)

@@ -66,6 +66,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from paperzoo.core.sampling import completion_logprobs
+
 
 def split_rounds(thinking: str, marker: str = "Wait") -> list[str]:
     """Cut a thinking text into solution rounds, a new round at each line that starts with `marker`.
@@ -158,31 +160,6 @@ def streamline(response: str, is_correct_round: Callable[[str], bool], end_of_th
     if first is None:
         return None
     return "".join(rounds[: first + 1 + reflections]) + end_of_thinking + conclusion
-
-
-def completion_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""($\log\pi(y_i\mid x_i)$ summed over completion tokens, $|y_i|$) for token-id lists; each [M].
-
-    Right padding, so positions of real tokens are 0..L-1 as in an unpadded forward.
-    """
-    if len(prompts) != len(completions) or not prompts:
-        raise ValueError("prompts and completions must be non-empty lists of the same length")
-    if any(len(x) == 0 for x in prompts) or any(len(y) == 0 for y in completions):
-        raise ValueError("every prompt and every completion needs at least one token")
-    seqs = [list(x) + list(y) for x, y in zip(prompts, completions)]
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    scored = torch.zeros((len(seqs), L), dtype=torch.bool)
-    for i, (x, s) in enumerate(zip(prompts, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        scored[i, len(x) : len(s)] = True
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [M, L-1, V]
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [M, L-1]
-    mask = scored[:, 1:]
-    return (logp * mask).sum(1), mask.sum(1)
 
 
 def simpo_loss(logp_w: torch.Tensor, len_w: torch.Tensor, logp_l: torch.Tensor, len_l: torch.Tensor,
