@@ -1,0 +1,232 @@
+r"""GenARM: Reward Guided Generation with Autoregressive Reward Model for Test-time Alignment
+(Xu, Sehwag, Koppel, Zhu, An, Huang, Ganesh; arXiv:2410.08193, ICLR 2025).
+
+KL-regularised RLHF has a closed-form optimum,
+$\pi^*(y|x) \propto \pi_{\text{base}}(y|x) \exp(r(x,y)/\beta)$, but sampling from it token by
+token needs the reward of *partial* responses, which a whole-sequence reward model does
+not give (earlier test-time methods score sampled continuations or a truncated prefix,
+at great cost). GenARM makes the reward model itself autoregressive: an LM $\pi_r$ whose
+reward of a response is a sum of token rewards, so the optimum factorises into a
+next-token rule and decoding costs one extra forward pass of $\pi_r$ per token.
+
+**Autoregressive reward model** the token reward is a scaled log-probability
+under a trainable causal LM (the paper's ARM parametrisation),
+
+$$ r(x, y) = \sum_t \beta_r \log \pi_r(y_t \mid x, y_{<t}). $$
+
+**Training**: Bradley-Terry on preference pairs $(x, y^w, y^l)$,
+
+$$ \mathcal L(\pi_r) = -\mathbb E \log \sigma\Big(\beta_r \Big[\sum_t \log \pi_r(y^w_t|x,y^w_{<t})
+   - \sum_t \log \pi_r(y^l_t|x,y^l_{<t})\Big]\Big) $$
+
+-- DPO's loss without the reference model, on *summed* (not length-normalised) log-probabilities.
+
+**Guided decoding**: with $\alpha = \beta_r / \beta$,
+
+$$ \tilde\pi(y_t \mid x, y_{<t}) \propto \pi_{\text{base}}(y_t \mid x, y_{<t})\,
+   \pi_r(y_t \mid x, y_{<t})^{\alpha}, $$
+
+normalised over the vocabulary, sampled token by token. $\alpha \to 0$ gives the base model back.
+
+Implementation notes (checked against the official repository Yuancheng-Xu/GenARM:
+its README, which decodes with ``M_base + alpha * M_arm`` through ``model_arithmetic`` at
+temperature ``T/(1+alpha)``, i.e. with the un-normalised sum $\log\pi_{base} + \alpha\log\pi_r$;
+and its ARM trainer's ``arm_loss``, ``-logsigmoid(beta * (chosen_logps - rejected_logps))``
+with summed log-probabilities, a target margin $\gamma = 0$ and no length normalisation
+by default):
+
+- Guided decoding runs inside transformers' `generate` through `GenARMLogitsProcessor`,
+  which runs the ARM alongside the base with its own KV cache (one ARM forward call per
+  generated token, the first over the whole prompt). The processor receives the base's raw
+  next-token logits and returns $\log\mathrm{softmax}(\log\pi_{base} + \alpha\log\pi_r)$; the
+  sampler's softmax (temperature 1, no top-k/top-p) then samples exactly $\tilde\pi$.
+- The ARM must share the base's tokenizer (the paper's ARMs are from the same family).
+- Equation numbers are not quoted: we could not check them against the paper's text here.
+- ``genarm_loss`` is the mean over the batch; the official optional margin $\gamma$ is left out.
+- Whole-sequence reward for a best-of-N baseline: `sequence_reward` gives the same ARM's
+  $\beta_r \sum_t \log \pi_r$, one forward call per batch of responses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prompt_ids
+
+# --------------------------------------------------------------------------- the reward model's loss
+
+def genarm_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, beta_r: float) -> torch.Tensor:
+    """-mean log sigma(beta_r [sum_t log pi_r(y^w_t) - sum_t log pi_r(y^l_t)]) (the paper's ARM loss).
+
+    `logp_w`, `logp_l`: [B] summed response log-probabilities of the preferred / rejected responses.
+    """
+    if logp_w.shape != logp_l.shape:
+        raise ValueError(f"chosen and rejected log-probabilities differ in shape: {tuple(logp_w.shape)} "
+                         f"vs {tuple(logp_l.shape)}")
+    if beta_r <= 0:
+        raise ValueError(f"beta_r must be positive, not {beta_r}")
+    return -F.logsigmoid(beta_r * (logp_w - logp_l)).mean()
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) over the tokens where `response_mask` is 1: [B, L] -> [B].
+
+    Left-padded batches work: positions are counted from the first unmasked token.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
+        raise ValueError("input_ids, attention_mask and response_mask must have the same shape")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # [B, L-1, V] predicts token t+1
+    chosen = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    return (chosen * response_mask[:, 1:].float()).sum(-1)
+
+
+def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
+    """Left-padded (input_ids, attention_mask, response_mask) for prompt+response texts."""
+    if len(prompts) != len(responses):
+        raise ValueError("one response per prompt is needed")
+    rows = []
+    for p, y in zip(prompts, responses):
+        x_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        y_ids = tokenizer(y, add_special_tokens=False)["input_ids"]
+        if not y_ids:
+            raise ValueError("a response is empty")
+        rows.append((x_ids + y_ids, [0] * len(x_ids) + [1] * len(y_ids)))
+    L = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (L - len(i)) + i for i, _ in rows])
+    attn = torch.tensor([[0] * (L - len(i)) + [1] * len(i) for i, _ in rows])
+    resp = torch.tensor([[0] * (L - len(r)) + r for _, r in rows])
+    return ids, attn, resp
+
+
+@torch.no_grad()
+def sequence_reward(arm, tokenizer, prompts: Sequence[str], responses: Sequence[str], beta_r: float = 1.0,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Whole-sequence reward r(x, y) = beta_r sum_t log pi_r(y_t | x, y_<t) (the ARM parametrisation): [N]."""
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids, attn, resp = encode_responses(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size])
+        out.append(beta_r * response_logprobs(arm, ids, attn, resp))
+    return torch.cat(out)
+
+
+def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: float = 0.1, steps: int = 100,
+              batch_size: int = 16, lr: float = 1e-4, seed: int = 0) -> list[float]:
+    """Train `arm` in place on (prompt, preferred, rejected) triples with `genarm_loss`; returns the losses."""
+    if not pairs:
+        raise ValueError("train_arm needs at least one preference pair")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(arm.parameters(), lr=lr, weight_decay=0.0)
+    arm.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
+        x = [pairs[i][0] for i in idx]
+        ids, attn, resp = encode_responses(tokenizer, x + x, [pairs[i][1] for i in idx] + [pairs[i][2] for i in idx])
+        logp = response_logprobs(arm, ids, attn, resp)  # [2B]: preferred then rejected
+        loss = genarm_loss(logp[:len(idx)], logp[len(idx):], beta_r)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(arm.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    arm.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- guided decoding
+
+def guided_logprobs(base_logits: torch.Tensor, arm_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log pi~ = log softmax(log pi_base + alpha log pi_r) over the vocabulary (GenARM's decoding rule): [..., V]."""
+    if base_logits.shape[-1] != arm_logits.shape[-1]:
+        raise ValueError(f"base and reward model vocabularies differ: {base_logits.shape[-1]} vs "
+                         f"{arm_logits.shape[-1]}")
+    if alpha < 0:
+        raise ValueError(f"alpha = beta_r / beta must be non-negative, not {alpha}")
+    combined = torch.log_softmax(base_logits.float(), -1) + alpha * torch.log_softmax(arm_logits.float(), -1)
+    return torch.log_softmax(combined, -1)
+
+
+class GenARMLogitsProcessor(LogitsProcessor):
+    """Runs the ARM next to `generate` (own KV cache) and turns the base's logits into log pi~.
+
+    `attention_mask`: [B, P] mask of the (left-padded) prompts that `generate` was given.
+    """
+
+    def __init__(self, arm, alpha: float, attention_mask: torch.Tensor):
+        self.arm, self.alpha = arm, alpha
+        self.mask = attention_mask.long()
+        self.cache: DynamicCache | None = None
+        self.seen = 0  # tokens of the sequence the ARM's cache holds
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        B, L = input_ids.shape
+        if B != self.mask.shape[0]:
+            raise ValueError("GenARM needs one prompt mask row per sequence (expand prompts, not num_return_sequences)")
+        mask = torch.cat([self.mask, self.mask.new_ones(B, L - self.mask.shape[1])], 1)  # [B, L]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.cache is None:
+            self.cache = DynamicCache()
+            new = slice(0, L)
+        else:
+            if L != self.seen + 1:
+                raise ValueError(f"GenARM's cache holds {self.seen} tokens but the sequence has {L}")
+            new = slice(L - 1, L)
+        # transformers 5 renamed `past_key_values` to `cache`; the DynamicCache is updated in place
+        name = "cache" if "cache" in inspect.signature(self.arm.forward).parameters else "past_key_values"
+        out = self.arm(input_ids=input_ids[:, new], attention_mask=mask, position_ids=positions[:, new],
+                       use_cache=True, **{name: self.cache})
+        self.seen = L
+        return guided_logprobs(scores, out.logits[:, -1], self.alpha).to(scores.dtype)
+
+
+@torch.no_grad()
+def genarm_generate(base, arm, tokenizer, prompts: Sequence[str], alpha: float = 1.0, max_new_tokens: int = 64,
+                    seed: int = 0, batch_size: int = 64) -> list[Generation]:
+    """One GenARM sample per prompt (repeat a prompt for several); forward calls of both models in stats.
+
+    `forward_passes` and `wall_seconds` of each Generation are those of the batch it was drawn in.
+    """
+    if tokenizer.padding_side != "left":
+        raise ValueError("genarm_generate needs a tokenizer with padding_side='left'")
+    if base.config.vocab_size != arm.config.vocab_size:
+        raise ValueError(f"base and reward model vocabularies differ: {base.config.vocab_size} vs "
+                         f"{arm.config.vocab_size}")
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    out: list[Generation] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = list(prompts[s:s + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        if enc["input_ids"].shape[1] == 0:
+            raise ValueError("the prompt is empty")
+        processor = GenARMLogitsProcessor(arm, alpha, enc["attention_mask"])
+        with count_forward_passes(base) as base_calls, count_forward_passes(arm) as arm_calls:
+            start = time.perf_counter()
+            seq = base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                top_p=1.0, eos_token_id=eos, pad_token_id=eos,
+                                logits_processor=LogitsProcessorList([processor]))
+            wall = time.perf_counter() - start
+        for row in seq[:, enc["input_ids"].shape[1]:].tolist():
+            tokens = cut_at_eos(row, eos)
+            out.append(Generation(tokens, tokenizer.decode(tokens), base_calls.count, wall,
+                                  {"alpha": alpha, "base_forward_passes": base_calls.count,
+                                   "arm_forward_passes": arm_calls.count, "batch": len(chunk)}))
+    return out
+
+
+def genarm_decode(base, arm, tokenizer, prompt: str, alpha: float = 1.0, max_new_tokens: int = 64,
+                  seed: int = 0) -> Generation:
+    """The family interface: one GenARM sample of one prompt."""
+    prompt_ids(tokenizer, prompt)  # rejects an empty prompt
+    return genarm_generate(base, arm, tokenizer, [prompt], alpha, max_new_tokens, seed)[0]
