@@ -56,6 +56,7 @@ def test_undertrained_tokens_needs_exact_training_counts(tmp_path):
 
 
 def test_catalogue_status_matches_the_code():
+    from paperzoo.catalog.survey_maps import survey_map
     from paperzoo.core.experiment import method_module_name
 
     for p in catalog.papers():
@@ -68,6 +69,9 @@ def test_catalogue_status_matches_the_code():
             assert has_method and has_experiment, f"{p.slug} has a verdict but no method or experiment"
         elif p.status == "no-software":
             assert p.status_note and not has_method
+        elif p.status == "mapped":  # a survey whose deliverable is its taxonomy mapped onto paperzoo
+            assert p.kind == "survey" and survey_map(p.slug), f"{p.slug} is marked mapped but has no survey map"
+            assert not has_method, f"{p.slug} has a method: its status is its verdict, not mapped"
 
 
 def test_layer_pruning_predicate_by_hand():

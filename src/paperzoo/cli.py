@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="The executable companion to a year of ML paper reviews.")
 console = Console()
 STATUS_STYLE = {"planned": "dim", "implemented": "cyan", "reproduced": "green", "not-reproduced": "red",
-                "inconclusive": "yellow", "no-software": "magenta", "smoke": "dim"}
+                "inconclusive": "yellow", "mapped": "blue", "no-software": "magenta", "smoke": "dim"}
 
 
 def fail(message: str, code: int = 1):
@@ -66,6 +66,34 @@ def _scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
 
 
+def print_survey_map(p: catalog.Paper) -> None:
+    """A survey's taxonomy as a tree of branches and the catalogue papers in each; for other papers, where they appear."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    from paperzoo.catalog import survey_maps
+
+    branches = survey_maps.survey_map(p.slug)
+    if branches is None:
+        covering = survey_maps.surveys_covering(p.slug)
+        if covering:
+            console.print("in survey maps: " + "; ".join(escape(f"{s} > {b.group} > {b.name}") for s, b in covering))
+        return
+    tree = Tree(f"[bold]Survey map[/] ({len(branches)} branches, "
+                f"{sum(1 for b in branches if b.slugs)} with paperzoo papers)")
+    groups: dict[str, Tree] = {}
+    for b in branches:
+        group = groups.get(b.group) or groups.setdefault(b.group, tree.add(f"[bold]{escape(b.group)}[/]"))
+        node = group.add(f"[bold]{escape(b.name)}[/]: {escape(b.description)}"
+                         + (f"\n[italic]{escape(b.note)}[/]" if b.note else ""))
+        if not b.slugs:
+            node.add("[dim]none in paperzoo[/]")
+        for slug in b.slugs:
+            q = catalog.get(slug)
+            node.add(f"{q.slug} [{STATUS_STYLE[q.status]}]{q.status}[/] {escape(q.title)}")
+    console.print(tree)
+
+
 @app.command()
 def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id or slug."),
          out: Optional[Path] = typer.Option(None, help="Results directory to read (default: $PAPERZOO_HOME/results).")):
@@ -85,6 +113,7 @@ def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id or slu
     console.print(f"experiment: {exp.__name__ if exp else '-'}" + (f"  (scales: {', '.join(exp.SCALES)})" if exp else ""))
     if exp:
         console.print(f"\n[bold]Claim[/] {exp.CLAIM.statement}\n[bold]Predicate[/] {exp.CLAIM.predicate}")
+    print_survey_map(p)
     record = results.latest(p.slug, out)
     if record is None:
         console.print("\nno runs recorded yet" + (f"; try `paperzoo run {p.slug}`" if exp else ""))

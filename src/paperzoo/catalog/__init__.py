@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-STATUSES = ("planned", "implemented", "reproduced", "not-reproduced", "inconclusive", "no-software")
+# "mapped": a survey whose deliverable is the map of its taxonomy onto paperzoo (catalog/survey_maps.py).
+STATUSES = ("planned", "implemented", "reproduced", "not-reproduced", "inconclusive", "mapped", "no-software")
 VERDICTS = ("reproduced", "not-reproduced", "inconclusive")
 
 
