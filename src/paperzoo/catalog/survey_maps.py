@@ -1,0 +1,157 @@
+"""Surveys as maps: each survey's taxonomy, branch by branch, onto the catalogue papers that implement it.
+
+A survey describes no single system to build. What paperzoo can give for one is a
+map: the survey's branches in its own order, a one-line description of each (our
+words for what the survey puts there), and the catalogue slugs whose method belongs
+to that branch. A slug's status (built, reproduced, planned, ...) is read from the
+catalogue when the map is shown, so the map shows what is built and what is only
+planned; a branch with no slug says so.
+
+The maps are data, checked by tests: every slug must be in the catalogue
+(`missing_slugs`), and every surveyed slug must be a catalogue survey.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paperzoo import catalog
+
+
+@dataclass(frozen=True)
+class Branch:
+    group: str  # the survey's top-level division the branch sits under
+    name: str
+    description: str  # what the survey files under this branch, in one line
+    slugs: tuple[str, ...] = ()  # catalogue papers whose method belongs here; () = none in paperzoo
+    note: str = ""  # where our placement needs a word of justification
+
+
+EFFICIENT_INFERENCE_SURVEY = (
+    # Zhou et al. 2024 (arXiv:2404.14294), sections 4-6: data-, model- and system-level optimisation.
+    Branch("Data level", "Input compression",
+           "Shorten the prompt: prompt pruning, prompt summary, soft-prompt compression, retrieval-augmented generation.",
+           ("kg-rag-customer-service",),
+           "RAG is filed under input compression by the survey; this paper's RAG aims at accuracy, not speed."),
+    Branch("Data level", "Output organization",
+           "Structure the answer so parts decode in parallel: Skeleton-of-Thought, DAG-organised generation."),
+    Branch("Model level", "Efficient FFN design",
+           "Mixture-of-Experts feed-forward layers that run a few experts per token, and their routing and serving.",
+           ("lynx-expert-selection", "memory-layers", "time-moe"),
+           "memory-layers replaces FFNs by a sparse key-value memory; time-moe is a sparse MoE for time series."),
+    Branch("Model level", "Efficient attention design",
+           "Multi-/grouped-query attention, and low-complexity attention (kernel, low-rank, sparse patterns).",
+           ("small-lm-survey", "fftnet-attention", "efficient-attention-survey"),
+           "small-lm-survey measures MHA against GQA and MQA; fftnet-attention replaces attention by an FFT."),
+    Branch("Model level", "Transformer alternates",
+           "Architectures that drop quadratic attention: state-space models, linear recurrences, long convolutions.",
+           ("rnn-state-collapse", "illusion-of-state"),
+           "Both study what recurrent / state-space models can and cannot keep in their state."),
+    Branch("Model level", "Quantization",
+           "Lower-precision weights and activations: post-training quantization and quantization-aware training.",
+           ("super-weight", "efficient-qat", "l-mul-multiplication"),
+           "l-mul-multiplication replaces the low-precision multiply itself and is compared against fp8."),
+    Branch("Model level", "Sparsification",
+           "Remove weights, heads or layers (unstructured and structured pruning) and sparsify attention.",
+           ("lottery-ticket", "layer-pruning")),
+    Branch("Model level", "Structure optimization",
+           "Search or factorise a cheaper structure: neural architecture search, low-rank factorisation."),
+    Branch("Model level", "Knowledge distillation",
+           "Train a small student on a large teacher's outputs (white-box) or generated data (black-box).",
+           ("jasper-stella-distillation",)),
+    Branch("Model level", "Dynamic inference",
+           "Spend less compute on easy inputs: sample-level early exiting and token-level layer or expert skipping.",
+           ("mixture-of-recursions", "lynx-expert-selection"),
+           "mixture-of-recursions picks each token's recursion depth; LYNX prunes experts per batch at run time."),
+    Branch("System level", "Graph and operator optimization",
+           "Faster kernels and fused operators for attention, linear layers and the rest of the graph."),
+    Branch("System level", "Speculative decoding",
+           "A cheap drafter proposes several tokens and the target model verifies them in one pass.",
+           ("svip-draft-length", "mtp-gated-lora")),
+    Branch("System level", "Offloading",
+           "Keep weights or KV cache in CPU memory or on disk and stream them to the accelerator."),
+    Branch("System level", "Serving system",
+           "Memory management (paged KV cache), continuous batching, request scheduling, distributed serving."),
+    Branch("Beyond the survey", "Reasoning length and test-time compute",
+           "Stop or shorten long reasoning traces and budget sampled traces; post-dates the survey (April 2024).",
+           ("overthinking-efficiency", "budget-forcing", "deepconf"),
+           "Closest survey branch: output organization (data level), which also cuts what is decoded."),
+)
+
+SMALL_LM_SURVEY = (
+    # Lu et al. 2024 (arXiv:2409.15790): architecture, data, training, capabilities, runtime cost, future directions.
+    Branch("Architecture", "Attention type",
+           "MHA gives way to grouped-query attention (GQA); MQA in a few models.",
+           ("small-lm-survey", "efficient-attention-survey"),
+           "small-lm-survey's measurement compares MHA, GQA and MQA latency and memory."),
+    Branch("Architecture", "FFN type and ratio",
+           "Gated FFNs replace standard ones; intermediate ratios spread from 2 to 8 times the hidden size.",
+           ("small-lm-survey",),
+           "Measured here for latency and memory at ratios 2, 4 and 8."),
+    Branch("Architecture", "Activation function",
+           "GELU and its variants give way to SiLU in 2024 models."),
+    Branch("Architecture", "Normalization",
+           "LayerNorm gives way to RMSNorm."),
+    Branch("Architecture", "Vocabulary size",
+           "Vocabularies grow past 50k tokens, at a cost in embedding memory and latency.",
+           ("small-lm-survey", "tfree-hashed-trigrams", "undertrained-tokens"),
+           "T-FREE shrinks the embedding matrix; under-trained tokens are a cost of large vocabularies."),
+    Branch("Architecture", "Architecture innovations",
+           "Parameter sharing across layers, layer-wise parameter scaling, nonlinearity compensation.",
+           ("mixture-of-recursions",),
+           "mixture-of-recursions shares one block across recursion steps."),
+    Branch("Training datasets", "Pre-training data quality and mixture",
+           "Model-filtered corpora (FineWeb-Edu, DCLM) over raw web text; training far past Chinchilla.",
+           ("doremi-mixtures", "online-data-mixing", "utilimax-medu", "unimax-sampling")),
+    Branch("Training algorithms", "Maximal update parameterization (muP)",
+           "Initialisation and per-layer learning rates that transfer hyper-parameters from small to large models.",
+           ("spectral-condition-mup",)),
+    Branch("Training algorithms", "Knowledge distillation",
+           "Small students trained on a larger teacher (LaMini-GPT, Gemma-2).",
+           ("jasper-stella-distillation",)),
+    Branch("Training algorithms", "Two-stage pre-training",
+           "Coarse broad data first, then a short phase on high-quality data (MiniCPM)."),
+    Branch("Capabilities", "Commonsense, problem solving and mathematics",
+           "SLMs gain fast on commonsense and reasoning benchmarks but stay weak at mathematics.",
+           ("small-llm-grpo", "rstar-math")),
+    Branch("Capabilities", "In-context learning and long context",
+           "Most SLMs gain from few-shot examples; long-context retrieval improves with size.",
+           ("long-context-icl", "mixture-of-icl")),
+    Branch("Runtime cost", "Latency and memory against architecture",
+           "Prefill and decode latency and peak memory depend on the architecture, not on the parameter count alone.",
+           ("small-lm-survey",)),
+    Branch("Runtime cost", "Quantization and hardware",
+           "4-bit (Q4_K_M) roughly halves latency; 3- and 6-bit formats run inefficiently; GPU against CPU.",
+           ("super-weight", "efficient-qat")),
+    Branch("Future directions", "Sparse SLMs",
+           "Exploit weight and activation sparsity (pruning, MoE) on devices.",
+           ("lottery-ticket", "layer-pruning", "lynx-expert-selection")),
+    Branch("Future directions", "Co-design, synthetic data, on-device learning, device-cloud collaboration",
+           "Architectures co-designed with device processors, synthetic pre-training data, personalisation on device."),
+)
+
+SURVEY_MAPS: dict[str, tuple[Branch, ...]] = {
+    "efficient-inference-survey": EFFICIENT_INFERENCE_SURVEY,
+    "small-lm-survey": SMALL_LM_SURVEY,
+}
+
+
+def survey_map(slug: str) -> tuple[Branch, ...] | None:
+    """The map of the survey `slug`, or None when the paper has none."""
+    return SURVEY_MAPS.get(slug)
+
+
+def surveys_covering(slug: str) -> list[tuple[str, Branch]]:
+    """(survey slug, branch) for every branch, in every map, that lists `slug`."""
+    return [(survey, b) for survey, branches in SURVEY_MAPS.items() for b in branches if slug in b.slugs]
+
+
+def missing_slugs(maps: dict[str, tuple[Branch, ...]] | None = None) -> dict[str, list[str]]:
+    """Slugs a map names that are not in the catalogue, by survey (map keys included); empty when all are known."""
+    known = {p.slug for p in catalog.papers()}
+    out: dict[str, list[str]] = {}
+    for survey, branches in (SURVEY_MAPS if maps is None else maps).items():
+        bad = ([survey] if survey not in known else []) + sorted({s for b in branches for s in b.slugs} - known)
+        if bad:
+            out[survey] = bad
+    return out
