@@ -96,7 +96,7 @@ def test_training_lowers_loss():
 def test_base_model_is_cached_and_reloadable(smoke_lm, paperzoo_home):
     again = base_model("smoke")
     assert again.record == smoke_lm.record  # read from the cache, not retrained
-    assert len(list((paperzoo_home / "models").iterdir())) == 1
+    assert len(list((paperzoo_home / "models").glob("base-smoke-*"))) == 1
     assert smoke_lm.model.config.num_hidden_layers >= 12 and smoke_lm.trained_here
     model, tok = load_causal_lm(str(next((paperzoo_home / "models").iterdir())))
     ids = smoke_lm.blocks("validation")[:2]
