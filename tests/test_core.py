@@ -96,9 +96,10 @@ def test_training_lowers_loss():
 def test_base_model_is_cached_and_reloadable(smoke_lm, paperzoo_home):
     again = base_model("smoke")
     assert again.record == smoke_lm.record  # read from the cache, not retrained
-    assert len(list((paperzoo_home / "models").glob("base-smoke-*"))) == 1
+    entries = list((paperzoo_home / "models").glob("base-smoke-*"))
+    assert len(entries) == 1
     assert smoke_lm.model.config.num_hidden_layers >= 12 and smoke_lm.trained_here
-    model, tok = load_causal_lm(str(next((paperzoo_home / "models").iterdir())))
+    model, tok = load_causal_lm(str(entries[0]))
     ids = smoke_lm.blocks("validation")[:2]
     assert torch.equal(model(input_ids=ids).logits, smoke_lm.model(input_ids=ids).logits)
 

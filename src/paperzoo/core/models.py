@@ -123,16 +123,29 @@ def base_model(scale: str = "small", corpus: str | None = None, seed: int = 0) -
         )
         record = {"scale": scale, "spec": asdict(spec), "corpus": data.name,
                   "train_seconds": time.perf_counter() - start, **history}
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "paperzoo-training.json").write_text(json.dumps(record, indent=1))
+        save_trained(tmp, model, tokenizer, record)
 
-    store.cached_dir(path, build)
-    hf_logging.disable_progress_bar()
-    model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-    record = json.loads((path / "paperzoo-training.json").read_text())
-    return LanguageModel(f"paperzoo base-{scale} ({path.name})", model, AutoTokenizer.from_pretrained(path),
+    model, tokenizer, record = load_trained(store.cached_dir(path, build))
+    return LanguageModel(f"paperzoo base-{scale} ({path.name})", model, tokenizer,
                          data, spec.train.seq_len, trained_here=True, record=record)
+
+
+TRAINING_RECORD = "paperzoo-training.json"
+
+
+def save_trained(directory: Path, model, tokenizer, record: dict) -> None:
+    """A model paperzoo trained, its tokenizer, and the record of how (for a cache entry)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def load_trained(directory: Path):
+    """(model in eval mode, tokenizer, training record) of a directory written by `save_trained`."""
+    hf_logging.disable_progress_bar()
+    model = LlamaForCausalLM.from_pretrained(directory, use_safetensors=True).eval()
+    record = json.loads((directory / TRAINING_RECORD).read_text())
+    return model, AutoTokenizer.from_pretrained(directory), record
 
 
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):

@@ -29,7 +29,6 @@ tokenizer and are cached like the base LMs, keyed by everything that sets the we
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -40,10 +39,9 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from paperzoo.core import store
-from paperzoo.core.models import TinyLMConfig
+from paperzoo.core.models import TinyLMConfig, load_trained, save_trained
 from paperzoo.core.training import TrainConfig, token_blocks, train
 
 EOS = "<|endoftext|>"
@@ -229,15 +227,10 @@ def _cached(kind: str, spec: ReasonerSpec, scale: str) -> Reasoner:
 
     def build(tmp: Path) -> None:
         model, record = train_reasoner(spec, f"training the {scale} {kind} (cached afterwards)")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "paperzoo-training.json").write_text(json.dumps(record, indent=1))
+        save_trained(tmp, model, tokenizer, record)
 
-    store.cached_dir(path, build)
-    hf_logging.disable_progress_bar()
-    model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-    record = json.loads((path / "paperzoo-training.json").read_text())
-    return Reasoner(f"paperzoo {kind}-{scale} ({path.name})", model, PreTrainedTokenizerFast.from_pretrained(path), record)
+    model, tokenizer, record = load_trained(store.cached_dir(path, build))
+    return Reasoner(f"paperzoo {kind}-{scale} ({path.name})", model, tokenizer, record)
 
 
 def reasoner(scale: str = "small", seed: int = 0) -> Reasoner:
