@@ -121,6 +121,23 @@ def hf_dataset_corpus(spec: str) -> Corpus:
     return _split([(f"{i // 20}", d) for i, d in enumerate(docs)], f"hf:{name}:{config}")
 
 
+def check_corpus_spec(spec: str) -> None:
+    """Cheap checks of a --corpus value before any work: the file exists, or hf: names a dataset."""
+    spec = str(spec)
+    if spec == "stdlib":
+        return
+    if spec.startswith("hf:"):
+        if not spec.removeprefix("hf:").partition(":")[0].strip():
+            raise CorpusError("hf: corpus needs a dataset name: hf:NAME[:CONFIG]")
+        return
+    if not Path(spec).expanduser().is_file():
+        raise CorpusError(f"corpus file not found: {_short(spec)}")
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def load_corpus(spec: str | Path | None = None) -> Corpus:
     """None or 'stdlib' gives the embedded corpus, 'hf:NAME[:CONFIG]' a dataset, else a file."""
     if spec is None or str(spec) == "stdlib":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,12 +141,68 @@ def save_trained(directory: Path, model, tokenizer, record: dict) -> None:
     (directory / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
 
 
-def load_trained(directory: Path):
-    """(model in eval mode, tokenizer, training record) of a directory written by `save_trained`."""
+def load_trained(directory: Path, model_class=LlamaForCausalLM):
+    """(model in eval mode, tokenizer, training record) of a directory written by `save_trained`.
+
+    Every load is noted as substrate (see `substrate_used`), so a record names the
+    cached models its verdict stood on.
+    """
     hf_logging.disable_progress_bar()
-    model = LlamaForCausalLM.from_pretrained(directory, use_safetensors=True).eval()
+    directory = Path(directory)
+    model = model_class.from_pretrained(directory, use_safetensors=True).eval()
     record = json.loads((directory / TRAINING_RECORD).read_text())
-    return model, AutoTokenizer.from_pretrained(directory), record
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+    note_substrate(directory.name, model, record)
+    return model, tokenizer, record
+
+
+_SUBSTRATE_LOG: list[list[dict]] = []
+
+
+def model_card(name: str, model: nn.Module, record: dict) -> dict:
+    """A short card of a cached model: its cache key, size, training cost and validation figures."""
+    val = record.get("val") or []
+    card = {"name": name, "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(record.get("train_seconds", 0.0), 1)}
+    if val:
+        card["validation"] = {k: v for k, v in val[-1].items() if isinstance(v, (int, float))}
+    if record.get("card"):
+        card.update(record["card"])
+    return card
+
+
+def note_substrate(name: str, model: nn.Module, record: dict) -> None:
+    for log in _SUBSTRATE_LOG:
+        if all(c["name"] != name for c in log):
+            log.append(model_card(name, model, record))
+
+
+@contextmanager
+def substrate_used():
+    """Collect the cards of every cached model loaded inside the block."""
+    log: list[dict] = []
+    _SUBSTRATE_LOG.append(log)
+    try:
+        yield log
+    finally:
+        _SUBSTRATE_LOG.remove(log)
+
+
+def _looks_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_model_spec(name_or_path: str) -> None:
+    """Cheap checks of a --model value before any work: a local path must be a model directory."""
+    shown = name_or_path if len(name_or_path) <= 120 else name_or_path[:120] + f"... ({len(name_or_path)} characters)"
+    if not name_or_path.strip():
+        raise ModelLoadError("--model is empty")
+    local = Path(name_or_path).expanduser()
+    if _looks_local(name_or_path):
+        if not local.is_dir():
+            raise ModelLoadError(f"model directory not found: {shown}")
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{shown} has no config.json: not a Hugging Face model directory")
 
 
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):

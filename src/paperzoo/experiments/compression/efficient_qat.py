@@ -93,6 +93,10 @@ CLAIM = Claim(
 # block (12 blocks x 3 bit-widths = 864 block steps, ~0.1 s each), 16 E2E-QP steps of 8 x 256 tokens
 # per bit-width (~1.5 s each), and 10 evaluations on 48 validation sequences: about 4 minutes on an
 # idle 2-core machine.
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": {"bits": [2, 4], "group_size": 16, "calibration_sequences": 4, "block_batch": 2,
               "block_epochs": 1, "e2e_steps": 2, "e2e_batch": 4, "eval_sequences": 8},

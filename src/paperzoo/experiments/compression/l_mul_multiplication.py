@@ -72,6 +72,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": {"gaussian_pairs": 20_000, "operand_sequences": 1, "operand_pairs": 20_000, "eval_sequences": 2,
               "sweep_bits": [2, 3, 4]},

@@ -52,6 +52,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": dict(calibration_sequences=8, eval_sequences=8, block_sizes="smallest-and-half", random_draws=1,
                   heal_steps=2, heal_batch=4, heal_lr=1e-3, lora_rank=4),

@@ -96,6 +96,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ()
+
 SCALES = {
     "smoke": {"hidden": [32, 16], "trials": 1, "rounds": 2, "reinit_rounds": [1, 2], "iterations": 60,
               "eval_every": 20, "batch_size": 60, "lr": 1.2e-3, "rate": 0.2, "output_rate": 0.1},

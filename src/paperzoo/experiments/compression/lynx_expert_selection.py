@@ -85,6 +85,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('corpus',)
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_experts": 4,
               "top_k": 2, "aux_loss_coef": 0.01, "train_steps": 6, "train_batch": 4, "seq_len": 32, "lr": 3e-3,

@@ -85,6 +85,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ()
+
 SCALES = {
     "smoke": {"hidden_size": 32, "num_layers": 2, "head_dim": 8, "ffn_ratio": 4.0, "vocab_size": 256,
               "kv_heads": [4, 2, 1], "ffn_ratios": [2.0, 4.0, 8.0], "vocab_sizes": [128, 256, 1024],

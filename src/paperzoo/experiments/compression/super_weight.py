@@ -81,6 +81,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": {"calibration_sequences": 2, "eval_sequences": 4, "random_draws": 1, "spike_threshold": 50.0,
               "clip_z": 9.0, "bits": [4], "block_sizes": ["tensor", 64]},

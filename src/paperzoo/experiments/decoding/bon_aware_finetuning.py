@@ -63,6 +63,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "problems_per_step": 2, "k": 4, "steps": 2,
               "train_N": 4, "lr": 1e-4, "test_problems": 4, "eval_samples": 4, "eval_N": [1, 4],

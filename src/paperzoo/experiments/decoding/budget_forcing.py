@@ -58,6 +58,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 6, "caps": [0, 4, 8], "extensions": [0, 1, 2, 4],
               "thinking_cap": 32, "max_answer_tokens": 12, "continuation": "Wait"},

@@ -66,6 +66,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 4, "traces": 8, "warmup": 4, "window": 4, "tail": 4, "top_k": 20,
               "tau": 0.95, "temperature": 1.0, "max_new_tokens": 40},

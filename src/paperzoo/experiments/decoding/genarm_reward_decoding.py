@@ -80,6 +80,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "pair_samples": 4, "pairs_per_problem": 2,
               "beta_r": 0.1, "arm_steps": 3, "arm_batch": 4, "arm_lr": 3e-4, "alpha": 1.0,

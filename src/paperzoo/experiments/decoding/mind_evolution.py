@@ -175,6 +175,10 @@ CLAIM = Claim(
 _SMALL_CONFIG = {"n_gens": 3, "n_island": 2, "n_convs": 2, "n_seq": 2, "reset_interval": 2, "n_reset": 1,
                  "n_top": 2, "n_candidate": 4, "n_parent": 2, "pr_no_parents": 1 / 6, "n_emigrate": 2,
                  "temperature": 1.0}
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 2, "difficulties": [2, 3], "budget": 8, "threads": 2,
               "config": {**_SMALL_CONFIG, "n_gens": 2}, "temperature": 1.0, "max_new_tokens": 24},

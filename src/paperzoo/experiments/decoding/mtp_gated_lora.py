@@ -86,6 +86,10 @@ _SMOKE = {"k": 4, "rank": 4, "alpha": 8.0, "steps": 3, "batch_size": 4, "seq_len
           "lr": 3e-3, "lcm_weight": 1.0}
 _SMALL = {"k": 8, "rank": 16, "alpha": 32.0, "seq_len": 64, "lr": 5e-3, "lcm_weight": 1.0}
 _LARGE = {"k": 8, "rank": 32, "alpha": 64.0, "seq_len": 128, "anchors": None, "lr": 1e-3, "lcm_weight": 1.0}
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm', 'reasoner')
+
 SCALES = {
     "smoke": {"reasoning": {**_SMOKE, "prompts": 2, "max_new_tokens": 12, "train_texts": 200},
               "prose": {**_SMOKE, "prompts": 2, "prompt_tokens": 12, "max_new_tokens": 10}},

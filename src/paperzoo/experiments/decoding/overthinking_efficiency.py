@@ -85,6 +85,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner',)
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "verification_rounds": 3, "overthink_texts": 200,
               "overthink_train": {"steps": 4, "batch_size": 4, "seq_len": 128, "lr": 1e-3, "warmup_steps": 1},

@@ -61,6 +61,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('model', 'corpus')
+SUBSTRATE = ('base-lm',)
+
 SCALES = {
     "smoke": {"prompts": 2, "pool": 64, "block": 32, "K": 3, "lam": 0.01, "lr": 2e-4},
     "small": {"prompts": 20, "pool": 2000, "block": 128, "K": 8, "lam": 0.01, "lr": 2e-4},

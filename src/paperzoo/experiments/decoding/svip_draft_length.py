@@ -99,6 +99,10 @@ CLAIM = Claim(
     checks=checks,
 )
 
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ()
+SUBSTRATE = ('reasoner', 'draft')
+
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 3, "max_new_tokens": 24, "repeats": 1},
     "small": {"reasoner": "small", "problems": 48, "max_new_tokens": 96, "repeats": 2},

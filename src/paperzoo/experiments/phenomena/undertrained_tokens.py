@@ -56,6 +56,10 @@ CLAIM = Claim(
 
 # The scales differ only in the base LM they run on.
 SETTINGS = dict(percentiles=[0.5, 1.0, 2.0, 5.0, 10.0], rare_below=5, max_probability=0.01)
+# What a user may swap in (--model / --corpus), and the shared cached models this runs on.
+INPUTS = ('corpus',)
+SUBSTRATE = ('base-lm',)
+
 SCALES = {"smoke": SETTINGS, "small": SETTINGS, "large": SETTINGS}
 
 
