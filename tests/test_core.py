@@ -139,11 +139,14 @@ def test_verdict_combines_checks():
     assert verdict({}) == "inconclusive"
 
 
+def _record(**kw):
+    return {"paper": {"slug": "x"}, "scale": "small", "checks": {}, "metrics": {}, "finished_at": "1",
+            "verdict": "reproduced", **kw}
+
+
 def test_records_are_never_overwritten(tmp_path):
-    a = results.new_record_path("x", "stem", tmp_path)
-    results.write_record(a, {"finished_at": "1", "verdict": "reproduced"})
-    b = results.new_record_path("x", "stem", tmp_path)
-    results.write_record(b, {"finished_at": "2", "verdict": "smoke"})
+    a = results.write_new_record(tmp_path / "x", "stem", _record(finished_at="1", verdict="reproduced"))
+    b = results.write_new_record(tmp_path / "x", "stem", _record(finished_at="2", verdict="smoke"))
     assert a != b and json.loads(a.read_text())["verdict"] == "reproduced"
     assert results.latest("x", tmp_path)["verdict"] == "reproduced"  # a later smoke run does not hide a verdict
     assert [r["verdict"] for r in results.records("x", tmp_path)] == ["reproduced", "smoke"]

@@ -1,5 +1,6 @@
 """DeepConf (2508.15260): confidence measures by hand, votes, the early-stop processor, the online loop."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from paperzoo.core.reasoning import reasoner
 from paperzoo.core.sampling import sample
+from paperzoo.decoding import count_forward_passes
 from paperzoo.decoding.deepconf import (
     Trace,
     bottom_group_confidence,
@@ -184,25 +186,114 @@ def test_offline_returns_the_voted_trace(smoke):
     assert g.stats["tokens_spent"] >= g.num_tokens > 0
 
 
-def test_bad_arguments_raise(smoke):
+def test_online_votes_only_uncut_confident_traces_each_weighted_by_its_confidence(smoke):
+    """deepconf-online.py: warm-up traces vote if min_conf >= bar, later ones unless cut; weight = min_conf."""
+    counter = iter(range(10_000))  # every trace its own answer, so each vote shows up on its own
+    g = deepconf_online(smoke.model, smoke.tokenizer, "Q: 12+34\n<think>", budget=24, warmup=8, eta=50, window=3,
+                        max_new_tokens=20, parallel=4, answer_of=lambda text: next(counter))
+    st = g.stats
+    n = st["traces_generated"]
+    assert n > 8 and len(st["trace_stopped"]) == len(st["trace_confidence"]) == len(st["trace_voted"]) == n
+    bar = st["threshold"]
+    expected = [not cut and c >= bar for cut, c in zip(st["trace_stopped"], st["trace_confidence"])]
+    assert any(st["trace_stopped"]), "the test needs online traces cut by the bar"
+    assert any(c < bar for c in st["trace_confidence"][:8]), "and warm-up traces below it"
+    assert st["trace_voted"] == expected  # cut traces and warm-up traces below the bar never vote
+    voters = [i for i, v in enumerate(expected) if v]
+    assert st["traces_voting"] == len(voters) == len(st["votes"])
+    assert sorted(st["votes"].values()) == pytest.approx(sorted(st["trace_confidence"][i] for i in voters))
+    assert all(w != 1.0 for w in st["votes"].values())  # weighted by confidence, not one vote each
+    assert math.isclose(st["consensus"], max(st["votes"].values()) / sum(st["votes"].values()))
+
+
+def test_right_padded_tokenizer_gives_the_same_traces(smoke):
+    """load_causal_lm returns right-padding tokenizers; DeepConf pads on the left itself."""
+    right = copy.deepcopy(smoke.tokenizer)
+    right.padding_side = "right"
+    prompts = ["Q: 12+34\n<think>", "Q: 3x+4=10\n<think>"]  # 10 and 12 tokens: one row is padded
+    a = sample_traces(smoke.model, smoke.tokenizer, prompts, None, window=4, max_new_tokens=16, seed=1)
+    b = sample_traces(smoke.model, right, prompts, None, window=4, max_new_tokens=16, seed=1)
+    assert [t.tokens for t in a] == [t.tokens for t in b]
+    assert all(torch.equal(x.confidences, y.confidences) for x, y in zip(a, b))
+    kw = dict(budget=6, warmup=2, window=4, max_new_tokens=12, seed=2)
+    assert (deepconf_online_batch(smoke.model, right, prompts, **kw)[1].stats["trace_confidence"]
+            == deepconf_online_batch(smoke.model, smoke.tokenizer, prompts, **kw)[1].stats["trace_confidence"])
+    assert deepconf_offline(smoke.model, right, prompts[0], num_traces=3, window=4, tail=4,
+                            max_new_tokens=12).stats["traces_generated"] == 3
+    assert right.padding_side == "right"  # the caller's tokenizer is left as it was
+
+
+def test_bad_arguments_raise_before_any_trace_is_sampled(smoke):
     m, tok = smoke.model, smoke.tokenizer
-    with pytest.raises(ValueError, match="warmup"):
-        deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=5)
-    with pytest.raises(ValueError, match="tau"):
-        deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=2, tau=0)
-    with pytest.raises(ValueError, match="top_k"):
-        deepconf_offline(m, tok, "Q: 1+1\n<think>", num_traces=2, top_k=10_000)
+    with count_forward_passes(m) as passes:
+        with pytest.raises(ValueError, match="metric"):
+            deepconf_offline(m, tok, "Q: 1+1\n<think>", num_traces=4, metric="median")
+        with pytest.raises(ValueError, match="eta"):
+            deepconf_offline(m, tok, "Q: 1+1\n<think>", num_traces=4, eta=0)
+        with pytest.raises(ValueError, match="window"):
+            deepconf_offline(m, tok, "Q: 1+1\n<think>", num_traces=4, tail=0)
+        with pytest.raises(ValueError, match="warmup"):
+            deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=5)
+        with pytest.raises(ValueError, match="tau"):
+            deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=2, tau=0)
+        with pytest.raises(ValueError, match="eta"):
+            deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=2, eta=101)
+        with pytest.raises(ValueError, match="temperature"):
+            deepconf_online(m, tok, "Q: 1+1\n<think>", budget=4, warmup=2, temperature=-1)
+        with pytest.raises(ValueError, match="top_k"):
+            deepconf_offline(m, tok, "Q: 1+1\n<think>", num_traces=2, top_k=10_000)
+        with pytest.raises(ValueError, match="prompts"):
+            deepconf_online_batch(m, tok, [])
+        with pytest.raises(ValueError, match="thresholds"):
+            sample_traces(m, tok, ["Q: 1+1\n<think>"] * 2, torch.ones(3), window=4)
+    assert passes.count == 0
+
+
+def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit(smoke):
+    limit = smoke.model.config.max_position_embeddings
+    long_prompt = "Q: " + "1+" * limit + "1\n<think>"
+    for call in (lambda: deepconf_offline(smoke.model, smoke.tokenizer, long_prompt, num_traces=2),
+                 lambda: deepconf_online(smoke.model, smoke.tokenizer, long_prompt, budget=2, warmup=1),
+                 lambda: sample_traces(smoke.model, smoke.tokenizer, [long_prompt], window=4)):
+        with pytest.raises(ValueError, match=f"has {limit}"):
+            call()
+    with pytest.raises(ValueError, match="max_new_tokens"):  # a short prompt with a budget past the positions
+        deepconf_offline(smoke.model, smoke.tokenizer, "Q: 1+1\n<think>", num_traces=2, max_new_tokens=limit)
+
+
+def test_experiment_keeps_the_official_warmup_share():
+    from paperzoo.decoding.deepconf import PAPER_WARMUP_SHARE
+    from paperzoo.experiments.decoding.deepconf import SCALES
+
+    assert PAPER_WARMUP_SHARE == 16 / 256
+    for scale in SCALES.values():
+        assert scale["warmup"] == max(1, round(PAPER_WARMUP_SHARE * scale["traces"]))
 
 
 def test_predicate_by_hand():
-    from paperzoo.experiments.decoding.deepconf import checks
+    from paperzoo.experiments.decoding.deepconf import checks, preconditions
 
-    m = {"majority_accuracy": 0.5, "offline": {"lowest_group": {"low": 0.5}},
-         "online": {"low": {"token_saving": 0.5, "accuracy": 0.5}}}
-    assert list(checks(m).values()) == [True, True, True]  # ties and exactly half count
-    m["offline"]["lowest_group"]["low"] = 0.49
-    m["online"]["low"] = {"token_saving": 0.499, "accuracy": 0.4}
+    n = 40
+    maj = [1.0] * 10 + [0.0] * 30
+    better = [1.0] * 22 + [0.0] * 18  # right on 12 more problems, wrong on none that majority gets
+    same = list(maj)
+    pp = {"majority_correct": maj, "majority_tokens": [100.0] * n,
+          "offline_correct": {"low": same, "high": better},
+          "online_correct": {"low": better, "high": same},
+          "online_tokens": {"low": [40.0 + i % 3 for i in range(n)], "high": [90.0] * n},
+          "auroc": [0.7, 0.8, 0.65, 0.75, 0.7, 0.9]}
+    m = {"per_problem": pp, "majority_accuracy": 0.25, "outvoted_share": 0.3}
+    assert list(checks(m).values()) == [True, True, True]  # high carries offline, low carries online
+    assert all(preconditions(m).values())
+    pp["offline_correct"] = {"low": same, "high": same}
+    pp["online_correct"] = {"low": [1.0] * 11 + [0.0] * 29, "high": same}  # one problem more: within noise
+    pp["online_tokens"]["low"] = [100.0] * n
     assert list(checks(m).values()) == [False, False, False]
+    pp["auroc"] = [0.4, 0.6, 0.5, 0.55]  # no separation beyond noise
+    m.update(majority_accuracy=0.97, outvoted_share=0.0)
+    assert list(preconditions(m).values()) == [False, False, False]
+    pp["auroc"] = []
+    assert list(preconditions(m).values())[0] is None
 
 
 def test_auroc_by_hand():

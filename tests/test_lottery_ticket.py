@@ -26,6 +26,7 @@ from paperzoo.experiments.compression.lottery_ticket import (
     glorot_normal,
     lenet,
     make_train_fn,
+    preconditions,
 )
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
@@ -176,6 +177,33 @@ def test_imp_rewinds_to_theta0_at_unpruned_positions_and_prunes_by_trained_magni
     assert ticket.remaining < ticket.history[1]["remaining"] < 1.0
 
 
+def test_every_round_starts_from_theta0_under_the_current_mask():
+    """Each IMP round trains f(x; m_r ⊙ θ_0): the rewind happens every round, to θ_0 itself, not a fresh draw."""
+    model = mlp()
+    theta0 = dense_state(model)
+    entries = []
+    train = sgd_train_fn()
+
+    def spy(net, start=0, stop=None):  # the weights each round starts from, before it trains
+        entries.append({name: (effective(net.get_submodule(name)).detach().clone(),
+                               net.get_submodule(name).bias.detach().clone()) for name in prunable_layers(net)})
+        return train(net, start, stop)
+
+    ticket = find_winning_ticket(model, spy, rounds=3, rate=0.3)
+    assert len(entries) == 3
+    for r, entry in enumerate(entries):
+        mask = ticket.history[r]["mask"]
+        for name, (w, b) in entry.items():
+            assert torch.equal(w, theta0[f"{name}.weight"] * mask[name]), f"round {r}, layer {name}: not m ⊙ θ_0"
+            assert torch.equal(b, theta0[f"{name}.bias"]), f"round {r}, layer {name}: bias not rewound"
+    # the masks themselves follow from rewound training: redo round 1 by hand from m_1 ⊙ θ_0
+    by_hand = apply_mask(copy.deepcopy(model), ticket.history[1]["mask"])
+    sgd_train_fn()(by_hand)
+    rates = pruning_rates(model, 0.3)
+    expected = magnitude_prune(by_hand, rates)
+    assert all(torch.equal(ticket.history[2]["mask"][k], expected[k]) for k in rates)
+
+
 def test_late_rewinding_resets_to_the_dense_weights_at_iteration_k():
     model = mlp()
     calls = []
@@ -220,6 +248,23 @@ def test_find_winning_ticket_rejects_bad_input():
     masked = apply_mask(mlp(), {"0": torch.ones(20, 6, dtype=torch.bool)})
     with pytest.raises(ValueError, match="already carries"):
         find_winning_ticket(masked, sgd_train_fn(), rounds=1)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(ValueError, match="rounds must be an integer >= 0"):
+            find_winning_ticket(mlp(), sgd_train_fn(), rounds=bad)
+    with pytest.raises(ValueError, match=r"rate must be a fraction in \[0, 1\)"):
+        find_winning_ticket(mlp(), sgd_train_fn(), rounds=1, rate=1.2)
+    with pytest.raises(ValueError, match="train_fn"):
+        find_winning_ticket(mlp(), None, rounds=1)
+    with pytest.raises(ValueError, match="rates"):
+        magnitude_prune(mlp(), {"0": -0.1})
+    with pytest.raises(ValueError, match="not a Linear or Conv"):
+        magnitude_prune(mlp(), {"1": 0.2})
+    with pytest.raises(ValueError, match="mask"):
+        random_reinit(mlp(), {"0": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="seed"):
+        random_reinit(mlp(), {}, seed=-1)
+    with pytest.raises(ValueError, match="mask"):
+        remaining_fraction({})
 
 
 def test_rewind_writes_through_masks():
@@ -279,14 +324,23 @@ def test_experiment_training_records_the_early_stop_and_resumes_at_k():
     assert train_fn(lenet([16], seed=0), 15, 30)["iterations"] == [20, 30]
 
 
-def _metrics(dense, levels):
-    """levels: (remaining, win_stop, win_acc, reinit_stop, reinit_acc) per compared level."""
-    rows = [{"round": 0, "remaining": 1.0, "winning": {"early_stop_iteration": [dense[0]], "test_accuracy": [dense[1]]}}]
+def _metrics(dense, levels, spread=(0.0, 0.0, 0.0)):
+    """levels: (remaining, win_stop, win_acc, reinit_stop, reinit_acc) per compared level; three trials.
+
+    `spread` shifts the three trials' values by -s, 0, +s (accuracy s / 1000), in a different order for the
+    dense network, the tickets and their re-initialisations: trial-to-trial noise that pairing cannot remove.
+    """
+    def trials(v, unit=1.0):
+        return [v + d * unit for d in spread]
+
+    rows = [{"round": 0, "remaining": 1.0, "winning": {"early_stop_iteration": trials(dense[0]),
+                                                       "test_accuracy": trials(dense[1], 1e-3)}}]
     for r, (pm, ws, wa, rs, ra) in enumerate(levels, 1):
         rows.append({"round": r, "remaining": pm,
-                     "winning": {"early_stop_iteration": [ws, ws], "test_accuracy": [wa, wa]},
-                     "reinit": {"early_stop_iteration": [rs - 10, rs + 10], "test_accuracy": [ra, ra]}})
-    return {"levels": rows}
+                     "winning": {"early_stop_iteration": trials(ws)[::-1], "test_accuracy": trials(wa, 1e-3)[::-1]},
+                     "reinit": {"early_stop_iteration": trials(rs)[1:] + trials(rs)[:1],
+                                "test_accuracy": trials(ra, 1e-3)[1:] + trials(ra, 1e-3)[:1]}})
+    return {"levels": rows, "iterations": 1500}
 
 
 def test_predicate_by_hand():
@@ -300,3 +354,17 @@ def test_predicate_by_hand():
     assert list(checks(bad).values()) == [False] * 6
     only_moderate = _metrics((800, 0.970), [(0.8, 600, 0.975, 800, 0.970)])
     assert list(checks(only_moderate).values()) == [True, True, None, None, None, False]
+    # the same means, but trials that disagree by more than the differences: nothing passes on noise
+    noisy = _metrics((800, 0.970), [(0.51, 600, 0.975, 800, 0.970), (0.21, 500, 0.978, 900, 0.965),
+                                    (0.09, 700, 0.972, 1000, 0.950), (0.036, 900, 0.968, 1200, 0.930)],
+                     spread=(-450.0, 0.0, 450.0))
+    assert list(checks(noisy).values()) == [False] * 6
+
+
+def test_preconditions_by_hand():
+    good = _metrics((800, 0.970), [(0.51, 600, 0.975, 800, 0.970)])
+    assert list(preconditions(good).values()) == [True, True]
+    untrained = _metrics((800, 0.30), [(0.51, 600, 0.975, 800, 0.970)], spread=(-200.0, 0.0, 200.0))
+    assert list(preconditions(untrained).values()) == [False, True]
+    cut_off = _metrics((1500, 0.970), [(0.51, 600, 0.975, 800, 0.970)])
+    assert list(preconditions(cut_off).values()) == [True, False]

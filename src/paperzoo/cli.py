@@ -1,21 +1,30 @@
-"""paperzoo's command line: list, show, run, report."""
+"""paperzoo's command line: list, show, run, sweep, report.
+
+Output to a terminal is rich; output to a pipe is never wrapped (a record path or a
+table row stays on one line), progress bars go to stderr and only to a terminal, and
+`list` and `show` take ``--json`` for programs.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from paperzoo import catalog
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="The executable companion to a year of ML paper reviews.")
-console = Console()
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 STATUS_STYLE = {"planned": "dim", "implemented": "cyan", "reproduced": "green", "not-reproduced": "red",
                 "inconclusive": "yellow", "mapped": "blue", "no-software": "magenta", "smoke": "dim"}
 
@@ -30,23 +39,50 @@ def user_errors():
     from paperzoo.core.corpus import CorpusError
     from paperzoo.core.experiment import ExperimentError
     from paperzoo.core.models import ModelLoadError
+    from paperzoo.core.results import ResultsError
+    from paperzoo.core.store import HomeError
     from paperzoo.core.training import NonFiniteLossError
 
     return (catalog.UnknownPaperError, ExperimentError, ModelLoadError, CorpusError, NonFiniteLossError,
-            FileNotFoundError, NotADirectoryError, PermissionError)
+            ResultsError, HomeError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
+def quiet_libraries() -> None:
+    """Library deprecation chatter is for library authors, not paperzoo's users."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft)\.")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
 
 
 @app.command("list")
 def list_papers(
     family: Optional[str] = typer.Option(None, help="Only this family."),
     status: Optional[str] = typer.Option(None, help="Only this status."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list of papers, for programs."),
 ):
     """The whole catalogue as a table, with counts per status."""
-    if family and family not in catalog.families():
+    if family is not None and family not in catalog.families():
         fail(f"unknown family {family!r} (families: {', '.join(catalog.families())})")
-    if status and status not in catalog.STATUSES:
+    if status is not None and status not in catalog.STATUSES:
         fail(f"unknown status {status!r} (statuses: {', '.join(catalog.STATUSES)})")
-    rows = [p for p in catalog.papers() if (not family or p.family == family) and (not status or p.status == status)]
+    rows = [p for p in catalog.papers() if (family is None or p.family == family) and (status is None or p.status == status)]
+    if as_json:
+        from dataclasses import asdict
+
+        print_json([{**asdict(p), "url": p.url} for p in rows])
+        return
     table = Table(show_lines=False, header_style="bold")
     for col in ("arXiv", "slug", "family", "kind", "status", "title"):
         table.add_column(col, overflow="fold")
@@ -57,9 +93,20 @@ def list_papers(
     console.print(f"{len(rows)} papers" + (": " if rows else "") + ", ".join(f"{s} {counts[s]}" for s in catalog.STATUSES if counts[s]))
 
 
-def print_checks(checks: dict) -> None:
-    for name, value in checks.items():
-        console.print(f"  {'pass' if value else 'undecided' if value is None else 'fail'}: {name}")
+def print_checks(record: dict) -> None:
+    """Preconditions, then checks; a smoke run's are shown as code-path results, never as a verdict."""
+    smoke = record.get("scale") == "smoke"
+    if smoke:
+        console.print("  [dim](smoke scale: the values below only show the code runs; they are not a verdict)[/]")
+
+    def mark(value) -> str:
+        values = value if isinstance(value, list) else [value]
+        words = ["pass" if v is True else "fail" if v is False else "undecided" for v in values]
+        return words[0] if len(set(words)) == 1 else "/".join(words) + " (by seed)"
+
+    for title, key in (("precondition", "preconditions"), ("check", "checks")):
+        for name, value in (record.get(key) or {}).items():
+            console.print(f"  {title} {mark(value)}: {escape(name)}")
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -94,75 +141,218 @@ def print_survey_map(p: catalog.Paper) -> None:
     console.print(tree)
 
 
+def describe_run(record: dict) -> str:
+    seeds = f"seeds {','.join(map(str, record['seeds']))}" if record.get("kind") == "aggregate" else f"seed {record.get('seed')}"
+    return (f"{record['finished_at']} scale={record['scale']} {seeds} ({record.get('wall_seconds', 0):.0f}s), "
+            f"model: {record.get('model') or 'none'}, corpus: {record.get('corpus') or 'none'}")
+
+
 @app.command()
-def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id or slug."),
-         out: Optional[Path] = typer.Option(None, help="Results directory to read (default: $PAPERZOO_HOME/results).")):
+def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id (or URL) or slug."),
+         out: Optional[Path] = typer.Option(None, help="Results directory to read (default: yours, then the shipped ones)."),
+         as_json: bool = typer.Option(False, "--json", help="The paper, its claim and its shown record as JSON.")):
     """A paper's facts, claim, code locations and last verdict."""
+    from dataclasses import asdict
+
     from paperzoo.core import results
     from paperzoo.core.experiment import experiment_module, method_module_name
 
     try:
         p = catalog.get(paper_id)
-    except catalog.UnknownPaperError as e:
-        fail(str(e))
-    console.print(f"[bold]{p.title}[/]  ({p.url})")
-    console.print(f"slug {p.slug} | family {p.family} | kind {p.kind} | reviewed {p.review_date} (seed line {p.seed_line})")
-    console.print(f"status: [{STATUS_STYLE[p.status]}]{p.status}[/]" + (f" - {p.status_note}" if p.status_note else ""))
+        record = results.latest(p.slug, out)
+    except user_errors() as e:
+        fail(first_line(e))
     exp = experiment_module(p.slug)
+    if as_json:
+        print_json({"paper": {**asdict(p), "url": p.url}, "method": method_module_name(p.slug),
+                    "experiment": exp.__name__ if exp else None,
+                    "claim": exp.CLAIM.statement if exp else None, "source": exp.CLAIM.source if exp else None,
+                    "predicate": exp.CLAIM.predicate if exp else None, "record": record})
+        return
+    console.print(f"[bold]{escape(p.title)}[/]  ({p.url})")
+    console.print(f"slug {p.slug} | family {p.family} | kind {p.kind} | reviewed {p.review_date} (seed line {p.seed_line})")
+    console.print(f"status: [{STATUS_STYLE[p.status]}]{p.status}[/]" + (f" - {escape(p.status_note)}" if p.status_note else ""))
     console.print(f"method: {method_module_name(p.slug) or '-'}")
     console.print(f"experiment: {exp.__name__ if exp else '-'}" + (f"  (scales: {', '.join(exp.SCALES)})" if exp else ""))
     if exp:
-        console.print(f"\n[bold]Claim[/] {exp.CLAIM.statement}\n[bold]Predicate[/] {exp.CLAIM.predicate}")
+        console.print(f"\n[bold]Claim[/] {escape(exp.CLAIM.statement)}"
+                      + (f"\n[bold]Source[/] {escape(exp.CLAIM.source)}" if exp.CLAIM.source else "")
+                      + f"\n[bold]Predicate[/] {escape(exp.CLAIM.predicate)}")
     print_survey_map(p)
-    record = results.latest(p.slug, out)
     if record is None:
         console.print("\nno runs recorded yet" + (f"; try `paperzoo run {p.slug}`" if exp else ""))
         return
-    console.print(f"\n[bold]Last run[/] {record['finished_at']} scale={record['scale']} seed={record['seed']} "
-                  f"({record['wall_seconds']:.0f}s): [{STATUS_STYLE.get(record['verdict'], 'bold')}]{record['verdict']}[/]")
-    print_checks(record["checks"])
+    verdict = record["verdict"]
+    console.print(f"\n[bold]{'Verdict over seeds' if record.get('kind') == 'aggregate' else 'Last run'}[/] "
+                  f"{escape(describe_run(record))}: [{STATUS_STYLE.get(verdict, 'bold')}]{verdict}[/]"
+                  + (f" ({escape(record['verdict_reason'])})" if record.get("verdict_reason") else ""))
+    print_checks(record)
     for k, v in _scalar_metrics(record["metrics"]).items():
-        console.print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
+        console.print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {escape(str(v))}")
     console.print(f"  record: {record['_path']}")
+
+
+def parse_seeds(seed: Optional[int], seeds: Optional[str], scale: str) -> list[int]:
+    from paperzoo.core.experiment import DEFAULT_SEEDS, MAX_SEED
+
+    if seed is not None and seeds is not None:
+        fail("give --seed or --seeds, not both")
+    if seed is not None:
+        values = [seed]
+    elif seeds is not None:
+        try:
+            values = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            fail(f"--seeds takes comma-separated integers, got {seeds[:80]!r}")
+        if not values:
+            fail("--seeds is empty")
+    else:
+        values = list(DEFAULT_SEEDS.get(scale, (0,)))
+    for v in values:
+        if not 0 <= v <= MAX_SEED:
+            fail(f"seed must be an integer from 0 to {MAX_SEED}, got {v}")
+    if len(set(values)) != len(values):
+        fail(f"--seeds repeats a seed: {seeds}")
+    return values
+
+
+# Rough peak memory of a `large` run on a CPU (the base LM's training), checked before it starts.
+LARGE_NEEDS_GIB = 16
+
+
+def check_machine(scale: str, force: bool) -> None:
+    """Refuse, before any work, a scale this machine cannot hold (unless --force)."""
+    if scale != "large" or force:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        available = float("nan")
+    fail(f"--scale large is sized for a GPU and this machine has none ({available:.0f} GiB of memory free, "
+         f"about {LARGE_NEEDS_GIB} GiB and hours of CPU needed); use --scale small, or pass --force to run anyway")
 
 
 @app.command()
 def run(
-    paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id or slug."),
+    paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id (or URL) or slug."),
     scale: str = typer.Option("small", help="smoke (seconds, no verdict), small (minutes on a CPU) or large (GPU)."),
-    seed: int = typer.Option(0),
-    model: Optional[str] = typer.Option(None, help="A HF causal LM: local directory or hub name."),
+    seed: Optional[int] = typer.Option(None, help="One seed (default: 0,1,2 at small, 0 otherwise)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each its own record, then an aggregate verdict."),
+    model: Optional[str] = typer.Option(None, help="A HF causal LM: local directory or hub name (experiments that take one)."),
     corpus: Optional[str] = typer.Option(None, help="A UTF-8 text file, or hf:NAME[:CONFIG]; default: the embedded corpus."),
     out: Optional[Path] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a model's own code to run when loading it."),
+    force: bool = typer.Option(False, help="Run a scale this machine looks too small for."),
 ):
-    """Run a paper's experiment to a verdict, writing a JSON record and a plot."""
-    from paperzoo.core.experiment import SCALE_NAMES, run_experiment
+    """Run a paper's experiment to a verdict: one JSON record and plot per seed, and an aggregate over seeds."""
+    from paperzoo.core import store
+    from paperzoo.core.experiment import SCALE_NAMES, plan, run_seeds
 
+    quiet_libraries()
     if scale not in SCALE_NAMES:
         fail(f"unknown scale {scale!r} (scales: {', '.join(SCALE_NAMES)})")
+    seed_list = parse_seeds(seed, seeds, scale)
     try:
-        record = run_experiment(paper_id, scale, seed, model, corpus, out, trust_remote_code)
+        from paperzoo.core.results import check_writable
+
+        plan(paper_id, scale, model, corpus, str(out) if out is not None else None)
+        check_writable(store.home())  # caches live there even when --out points elsewhere
+        check_machine(scale, force)
+
+        def report_seed(record: dict) -> None:
+            style = STATUS_STYLE.get(record["verdict"], "bold")
+            console.print(f"[bold]{record['paper']['slug']}[/] ({record['scale']}, seed {record['seed']}): "
+                          f"[{style}]{record['verdict']}[/]")
+            print_checks(record)
+            console.print(f"record: {record['_path']}\nplot:   {Path(record['_path']).with_suffix('.png')}")
+
+        _, aggregate = run_seeds(paper_id, scale, seed_list, model, corpus, str(out) if out is not None else None,
+                                 trust_remote_code, on_record=report_seed)
     except user_errors() as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    style = STATUS_STYLE.get(record["verdict"], "bold")
-    console.print(f"[bold]{record['paper']['slug']}[/] ({record['scale']}, seed {record['seed']}): [{style}]{record['verdict']}[/]")
-    print_checks(record["checks"])
-    console.print(f"record: {record['_path']}\nplot:   {Path(record['_path']).with_suffix('.png')}")
+        fail(first_line(e))
+    if aggregate is not None:
+        style = STATUS_STYLE.get(aggregate["verdict"], "bold")
+        console.print(f"[bold]{aggregate['paper']['slug']}[/] over seeds {','.join(map(str, aggregate['seeds']))}: "
+                      f"[{style}]{aggregate['verdict']}[/] ({escape(aggregate['verdict_reason'])})")
+        console.print(f"aggregate: {aggregate['_path']}")
 
 
 @app.command()
-def report(out: Path = typer.Option(Path("report"), help="Directory to write the HTML site into."),
+def sweep(
+    papers: Optional[list[str]] = typer.Argument(None, metavar="[ID]...", help="Papers to run (ids or slugs)."),
+    family: Optional[str] = typer.Option(None, help="Every paper of this family that has an experiment."),
+    all_papers: bool = typer.Option(False, "--all", help="Every paper that has an experiment."),
+    scale: str = typer.Option("small", help="smoke, small or large."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    address: Optional[str] = typer.Option(None, help="A running Ray cluster's address (default: a local Ray on every core)."),
+    cpus: Optional[int] = typer.Option(None, help="Local cores to use (default: all)."),
+    out: Optional[Path] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
+    force: bool = typer.Option(False, help="Run a scale this machine looks too small for."),
+):
+    """Run every (paper, seed) as a Ray task; resumes a killed sweep; writes one aggregate verdict per paper."""
+    from paperzoo.core.experiment import SCALE_NAMES, experiment_module
+
+    quiet_libraries()
+    if scale not in SCALE_NAMES:
+        fail(f"unknown scale {scale!r} (scales: {', '.join(SCALE_NAMES)})")
+    if sum(bool(x) for x in (papers, family is not None, all_papers)) != 1:
+        fail("name papers, or give --family F, or --all (exactly one of them)")
+    if family is not None and family not in catalog.families():
+        fail(f"unknown family {family!r} (families: {', '.join(catalog.families())})")
+    if cpus is not None and cpus < 1:
+        fail(f"--cpus must be at least 1, got {cpus}")
+    seed_list = parse_seeds(None, seeds, scale)
+    try:
+        if papers:
+            slugs = list(dict.fromkeys(catalog.get(x).slug for x in papers))
+        else:
+            slugs = [p.slug for p in catalog.papers() if (all_papers or p.family == family) and experiment_module(p.slug)]
+        if not slugs:
+            fail(f"no paper with an experiment in family {family!r}")
+        check_machine(scale, force)
+        from paperzoo.core.sweep import sweep as run_sweep
+
+        summary = run_sweep(slugs, scale, seed_list, str(out) if out is not None else None, address, cpus)
+    except user_errors() as e:
+        fail(first_line(e))
+    except ImportError as e:
+        fail(f"sweeps need Ray: pip install -e \".[sweep]\" ({first_line(e)})")
+    console.print(f"sweep: {summary.ran} runs, {summary.skipped} already done")
+    for a in summary.aggregates:
+        style = STATUS_STYLE.get(a["verdict"], "bold")
+        console.print(f"{a['paper']['slug']}: [{style}]{a['verdict']}[/] ({escape(a['verdict_reason'])})  {a['_path']}")
+
+
+@app.command()
+def report(out: Path = typer.Option(Path("report"), help="Directory to write the HTML site into (replaced)."),
            results_dir: Optional[Path] = typer.Option(None, "--results", help="Results directory to read.")):
     """Write the static HTML report: the catalogue, and a page per experiment that ran."""
-    from paperzoo.report import build_report
+    from paperzoo.report import ReportError, build_report
 
+    if not str(out).strip():
+        fail("--out is empty; give the report's directory")
+    if results_dir is not None and not results_dir.is_dir():
+        fail(f"results directory not found: {results_dir}")
     try:
         index = build_report(out, results_dir)
-    except (FileExistsError, NotADirectoryError, PermissionError) as e:
-        fail(str(e))
+    except (ReportError, FileExistsError, NotADirectoryError, PermissionError) as e:
+        fail(first_line(e))
+    except user_errors() as e:
+        fail(first_line(e))
     console.print(f"report written: {index}")
 
 
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("paperzoo: interrupted; finished records are kept", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -101,13 +101,15 @@ def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 def _groups(W: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, in / g, g]: runs of g consecutive input weights of each row."""
     out_features, in_features = W.shape
-    if group_size < 1 or in_features % group_size:
-        raise ValueError(f"group size {group_size} does not divide the {in_features} input features")
+    if not _is_int(group_size) or group_size < 1 or in_features % group_size:
+        raise ValueError(f"group_size must be a positive integer dividing the {in_features} input features, "
+                         f"got {group_size!r}")
     return W.reshape(out_features, in_features // group_size, group_size)
 
 
 def min_max_init(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RTN step sizes and zero points of W [out, in]: s, z of shape [out, in / g, 1]."""
+    _check_bits(bits)
     Wg = _groups(W.detach().float(), group_size)
     w_min, w_max = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
     s = ((w_max - w_min) / (2**bits - 1)).clamp_min(S_MIN)
@@ -137,8 +139,33 @@ def fake_quantize(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, 
 
 
 def _check_bits(bits: int) -> None:
-    if not (isinstance(bits, int) and 2 <= bits <= 16):
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an integer in 2..16, got {bits!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_group_size(model: nn.Module, group_size: int) -> None:
+    """group_size must be a positive integer dividing the input width of every linear in the decoder blocks."""
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    _, layers = decoder_layers(model)
+    widths = sorted({(m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0])
+                     for layer in layers for m in quantizable_linears(layer).values()})
+    bad = [w for w in widths if w % group_size]
+    if bad:
+        raise ValueError(f"group_size {group_size} must divide every linear layer's input features "
+                         f"({', '.join(map(str, widths))}); it does not divide {bad[0]}")
+
+
+def _check_token_blocks(name: str, blocks, min_len: int = 1) -> None:
+    if not isinstance(blocks, torch.Tensor) or blocks.ndim != 2 or blocks.dtype != torch.long \
+            or len(blocks) == 0 or blocks.shape[1] < min_len:
+        shape = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise ValueError(f"{name} must be a non-empty [N, T] tensor of token ids (int64) with T >= {min_len}, "
+                         f"got {shape}")
 
 
 class GroupQuantizer(nn.Module):
@@ -246,10 +273,9 @@ def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, batch_size
     Returns (X0, calls): X0 is a list of [batch, T, d] hidden states entering layer 0,
     calls[l][i] = (extra positional args, keyword args) that layer l got for batch i.
     """
-    if calibration.ndim != 2 or len(calibration) == 0 or calibration.dtype != torch.long:
-        raise ValueError("calibration must be a non-empty [N, T] tensor of token ids")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_token_blocks("calibration", calibration)
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     _, layers = decoder_layers(model)
     device = next(model.parameters()).device
     X0: list[torch.Tensor] = []
@@ -292,6 +318,17 @@ class BlockAPConfig:
     weight_lr: float = 2e-5
     quant_lr: float = 1e-4
     min_lr_factor: float = 20.0  # cosine decay from lr to lr / min_lr_factor
+
+    def __post_init__(self):
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise ValueError(f"BlockAPConfig.epochs must be an integer >= 0, got {self.epochs!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"BlockAPConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("weight_lr", "quant_lr"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"BlockAPConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not 1 <= self.min_lr_factor < math.inf:
+            raise ValueError(f"BlockAPConfig.min_lr_factor must be a finite number >= 1, got {self.min_lr_factor!r}")
 
 
 def _train_block(layer, quantizers, inputs, targets, calls, config: BlockAPConfig, use_bf16: bool) -> list[float]:
@@ -343,6 +380,10 @@ def block_ap(model: nn.Module, calibration: torch.Tensor, bits: int, group_size:
     the reconstruction MSE on the calibration data at the RTN start and at the end.
     """
     _check_bits(bits)
+    _check_group_size(model, group_size)
+    _check_token_blocks("calibration", calibration)
+    if not isinstance(config, BlockAPConfig):
+        raise ValueError(f"config must be a BlockAPConfig, got {type(config).__name__}")
     start = time.perf_counter()
     quantized = copy.deepcopy(model).eval()
     for p in quantized.parameters():
@@ -381,12 +422,26 @@ class E2EQPConfig:
     warmup_ratio: float = 0.03
     grad_clip: float = 0.3
 
+    def __post_init__(self):
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                raise ValueError(f"E2EQPConfig.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"E2EQPConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"E2EQPConfig.warmup_ratio must lie in [0, 1], got {self.warmup_ratio!r}")
+        if not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"E2EQPConfig.grad_clip must be a finite number > 0, got {self.grad_clip!r}")
+
 
 def e2e_qp(quantized: nn.Module, blocks: torch.Tensor, config: E2EQPConfig, seed: int = 0) -> dict:
     """Train only the step sizes s of a Block-AP (or RTN) model end to end on the LM loss, in place."""
     scales = step_sizes(quantized)
     if not scales:
         raise ValueError("e2e_qp needs a model from block_ap (no frozen-integer weights found)")
+    if not isinstance(config, E2EQPConfig):
+        raise ValueError(f"config must be an E2EQPConfig, got {type(config).__name__}")
+    _check_token_blocks("blocks", blocks, min_len=config.seq_len)
     for p in quantized.parameters():
         p.requires_grad_(False)
     for s in scales:
@@ -451,6 +506,7 @@ def finish(quantized: nn.Module, original: nn.Module, bits: int, group_size: int
 def rtn(model: nn.Module, bits: int, group_size: int) -> Compressed:
     """Round-to-nearest baseline: min-max group quantisation of every block linear, nothing trained."""
     _check_bits(bits)
+    _check_group_size(model, group_size)
     start = time.perf_counter()
     quantized = copy.deepcopy(model).eval()
     _, layers = decoder_layers(quantized)
@@ -465,6 +521,9 @@ def efficient_qat(model: nn.Module, calibration: torch.Tensor, train_blocks: tor
                   group_size: int, block_config: BlockAPConfig, e2e_config: E2EQPConfig,
                   seed: int = 0) -> Compressed:
     """EfficientQAT: Block-AP on `calibration`, then E2E-QP on `train_blocks`; the dequantised model."""
+    if not isinstance(e2e_config, E2EQPConfig):
+        raise ValueError(f"e2e_config must be an E2EQPConfig, got {type(e2e_config).__name__}")
+    _check_token_blocks("train_blocks", train_blocks, min_len=e2e_config.seq_len)
     quantized, stats = block_ap(model, calibration, bits, group_size, block_config)
     history = e2e_qp(quantized, train_blocks, e2e_config, seed=seed)
     return finish(quantized, model, bits, group_size, "EfficientQAT (Block-AP + E2E-QP, 2407.11062)", {

@@ -26,8 +26,12 @@ Implementation notes:
 - The simple heuristic's indices are ambiguous in the paper ("layers L-n to L-1",
   but also "excluding the final layer" and "beginning at the penultimate layer");
   we follow the stated intent and keep the last layer: remove L-n-1 .. L-2.
+- Calibration batches are token-id tensors ``[batch, T]`` or any mapping with
+  ``input_ids`` and ``attention_mask`` (a tokenizer's ``BatchEncoding`` included).
+- A block size n must satisfy 1 <= n <= L - 1: removing every layer leaves no model.
 - Healing follows the paper's appendix: LoRA on the feed-forward (MLP) linear
-  layers only, alpha = rank, dropout 0.05, cosine schedule with warm-up, on the
+  layers only (found generically: every linear layer of a decoder block outside its
+  attention, so Llama ``mlp.*``, GPT-2 ``mlp.c_fc``/``c_proj``, OPT ``fc1``/``fc2``), alpha = rank, dropout 0.05, cosine schedule with warm-up, on the
   pre-training distribution. Deviations: plain LoRA through peft (bf16 autocast on
   CPU) instead of QLoRA, whose 4-bit base weights (bitsandbytes) only save GPU
   memory on 70B models and do not run on a CPU; and far fewer steps (the paper uses
@@ -37,12 +41,13 @@ Implementation notes:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from paperzoo.compression import Compressed, parameter_bits
+from paperzoo.compression import Compressed, batch_tensors, check_token_ids, parameter_bits
 from paperzoo.core.models import decoder_layers
 from paperzoo.core.training import TrainConfig, train
 
@@ -53,11 +58,22 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
 
 
+def check_block_size(n, num_layers: int) -> int:
+    """n as an int, or a ValueError naming n and its range 1 .. L - 1 (removing every layer leaves no model)."""
+    if num_layers < 2:
+        raise ValueError(f"layer pruning needs a model with at least 2 decoder layers; this one has {num_layers}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= num_layers - 1:
+        raise ValueError(f"n (layers to remove) must be an integer from 1 to {num_layers - 1} "
+                         f"for a {num_layers}-layer model, got {n!r}")
+    return int(n)
+
+
 @torch.no_grad()
 def residual_stream_at_last_token(model: nn.Module, input_ids: torch.Tensor,
                                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """States x^(0..L) of the last real token of each row: shape [L + 1, batch, d]."""
     _, layers = decoder_layers(model)
+    check_token_ids(model, input_ids)
     states: list[torch.Tensor] = []
 
     def first(hidden):
@@ -90,13 +106,16 @@ def angular_distances(model: nn.Module, batches: Iterable) -> torch.Tensor:
 
     Returns D of shape [L + 1, L + 1] with D[l, l + n] = mean over calibration
     samples of d(x^(l), x^(l+n)): the score for removing layers l .. l+n-1.
-    `batches` yields token-id tensors [batch, T] or dicts with 'input_ids' and
-    optionally 'attention_mask'.
+    `batches` yields token-id tensors [batch, T] or mappings (a dict, a tokenizer's
+    BatchEncoding) with 'input_ids' and optionally 'attention_mask'.
     """
+    if isinstance(batches, Mapping):
+        raise ValueError("batches must be an iterable of batches, e.g. [tokenizer(texts, return_tensors='pt')]; "
+                         "got a single batch")
     model.eval()
     total, count = None, 0
     for batch in batches:
-        ids, mask = (batch["input_ids"], batch.get("attention_mask")) if isinstance(batch, dict) else (batch, None)
+        ids, mask = batch_tensors(batch)
         x = residual_stream_at_last_token(model, ids, mask).double()  # [L+1, B, d]
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = torch.einsum("ibd,jbd->bij", x, x).clamp(-1.0, 1.0)  # every pair at once
@@ -111,6 +130,8 @@ def angular_distances(model: nn.Module, batches: Iterable) -> torch.Tensor:
 def block_distances(D: torch.Tensor, n: int) -> torch.Tensor:
     """d(x^(l), x^(l+n)) for every start l = 0 .. L - n."""
     L = D.shape[0] - 1
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= L:
+        raise ValueError(f"n must be an integer from 1 to {L} for a {L}-layer distance matrix, got {n!r}")
     return torch.stack([D[l, l + n] for l in range(L - n + 1)])
 
 
@@ -121,7 +142,7 @@ def most_redundant_block(D: torch.Tensor, n: int) -> int:
 
 def deepest_block(num_layers: int, n: int) -> int:
     """The paper's simple heuristic: drop the n layers just before the last one."""
-    return num_layers - n - 1
+    return num_layers - check_block_size(n, num_layers) - 1
 
 
 def drop_layers(model: nn.Module, start: int, n: int, inplace: bool = False) -> nn.Module:
@@ -134,8 +155,11 @@ def drop_layers(model: nn.Module, start: int, n: int, inplace: bool = False) -> 
     model = model if inplace else copy.deepcopy(model)
     path, layers = decoder_layers(model)
     L = len(layers)
-    if n < 0 or start < 0 or start + n > L:
-        raise ValueError(f"cannot drop layers {start}..{start + n - 1} from a {L}-layer model")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (start, n)):
+        raise ValueError(f"start and n must be integers, got start={start!r}, n={n!r}")
+    if n < 0 or start < 0 or start + n > L or n > L - 1:
+        raise ValueError(f"cannot drop layers {start}..{start + n - 1} from a {L}-layer model "
+                         f"(need 0 <= n <= {L - 1} and 0 <= start <= L - n)")
     kept = [layer for i, layer in enumerate(layers) if not start <= i < start + n]
     parent = model.get_submodule(path.rsplit(".", 1)[0])
     setattr(parent, path.rsplit(".", 1)[1], nn.ModuleList(kept))
@@ -151,7 +175,11 @@ def drop_layers(model: nn.Module, start: int, n: int, inplace: bool = False) -> 
 
 
 def prune(model: nn.Module, calibration: Iterable, n: int) -> Compressed:
-    """Angular-distance layer pruning: drop the n-layer block with the smallest distance."""
+    """Angular-distance layer pruning: drop the n-layer block with the smallest distance.
+
+    `calibration` is an iterable of batches (tensors or tokenizer outputs); 1 <= n <= L - 1.
+    """
+    n = check_block_size(n, len(decoder_layers(model)[1]))
     D = angular_distances(model, calibration)
     start = most_redundant_block(D, n)
     L = D.shape[0] - 1
@@ -169,18 +197,24 @@ def prune(model: nn.Module, calibration: Iterable, n: int) -> Compressed:
     })
 
 
-FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+ATTENTION_NAMES = ("attn", "attention")
 
 
 def feed_forward_modules(model: nn.Module) -> list[str]:
-    """Full names of the linear layers inside each decoder block's feed-forward sub-module."""
+    """Full names of the linear layers of each decoder block outside its attention: the feed-forward layers.
+
+    Generic over layouts: a ``mlp``/``feed_forward`` sub-module (Llama, GPT-2, NeoX, Phi) or
+    linear layers directly in the block (OPT's ``fc1``/``fc2``).
+    """
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
     path, layers = decoder_layers(model)
     names = [f"{path}.{i}.{name}" for i, layer in enumerate(layers) for name, module in layer.named_modules()
-             if name.split(".")[0] in FEED_FORWARD_NAMES and isinstance(module, (nn.Linear, Conv1D))]
+             if name and isinstance(module, (nn.Linear, Conv1D))
+             and not any(a in part for part in name.split(".") for a in ATTENTION_NAMES)]
     if not names:
-        raise ValueError(f"found no feed-forward linear layers in {type(model).__name__}; pass target_modules")
+        raise ValueError(f"found no linear layers outside attention in the decoder blocks of {type(model).__name__}; "
+                         "pass target_modules")
     return names
 
 
@@ -192,6 +226,8 @@ def heal(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, rank: int 
     """
     from peft import LoraConfig, get_peft_model
 
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
     torch.manual_seed(seed)
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.05, task_type="CAUSAL_LM",

@@ -81,6 +81,16 @@ Mask = dict[str, torch.Tensor]  # module name -> bool tensor shaped like its wei
 TrainFn = Callable[[nn.Module, int, "int | None"], object]
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_rate(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
     """Names of the Linear and Conv modules whose weights IMP prunes, in module order."""
     return [name for name, module in model.named_modules() if isinstance(module, PRUNABLE)]
@@ -96,10 +106,9 @@ def pruning_rates(model: nn.Module, rate: float = 0.2, output_rate: float | None
     missing = [name for name in layers if not isinstance(known.get(name), PRUNABLE)]
     if missing:
         raise ValueError(f"not Linear or Conv modules of the model: {', '.join(missing)}")
+    _check_rate("rate", rate)
     output_rate = rate / 2 if output_rate is None else output_rate
-    for name, p in (("rate", rate), ("output_rate", output_rate)):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {p}")
+    _check_rate("output_rate", output_rate)
     return {name: (output_rate if i == len(layers) - 1 else rate) for i, name in enumerate(layers)}
 
 
@@ -189,6 +198,11 @@ def magnitude_prune(model: nn.Module, rates: dict[str, float]) -> Mask:
     Exactly round(p * surviving) weights go per layer; already-pruned weights stay pruned.
     Returns the new mask (also fixed on `model`).
     """
+    known = dict(model.named_modules())
+    for name, p in rates.items():
+        if not isinstance(known.get(name), PRUNABLE):
+            raise ValueError(f"rates: {name!r} is not a Linear or Conv module of the model")
+        _check_rate(f"rates[{name!r}]", p)
     for name, p in rates.items():
         module = model.get_submodule(name)
         # torch ranks by `module.weight`, which the pre-hook last computed in a forward pass: one
@@ -200,8 +214,10 @@ def magnitude_prune(model: nn.Module, rates: dict[str, float]) -> Mask:
 
 def remaining_fraction(mask: Mask) -> float:
     """P_m: the fraction of prunable weights the mask keeps."""
-    kept = sum(int(m.sum()) for m in mask.values())
-    return kept / sum(m.numel() for m in mask.values())
+    total = sum(m.numel() for m in mask.values())
+    if total == 0:
+        raise ValueError("mask must hold at least one layer with at least one weight")
+    return sum(int(m.sum()) for m in mask.values()) / total
 
 
 @dataclass
@@ -245,10 +261,10 @@ def find_winning_ticket(model: nn.Module, train_fn: TrainFn, rounds: int, rate: 
     layer) and rewinds. The returned ticket's mask keeps about (1 - rate)^rounds of each layer
     and has not been trained yet: train `ticket.network(model)` from iteration `rewind_to`.
     """
-    if rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {rounds}")
-    if rewind_to < 0:
-        raise ValueError(f"rewind_to must be an iteration >= 0, got {rewind_to}")
+    _check_int("rounds", rounds, 0)
+    _check_int("rewind_to (an iteration)", rewind_to, 0)
+    if not callable(train_fn):
+        raise ValueError(f"train_fn must be callable as train_fn(model, start, stop), got {type(train_fn).__name__}")
     _check_unmasked(model)
     rates = pruning_rates(model, rate, output_rate, layers)
     net = copy.deepcopy(model)
@@ -276,6 +292,13 @@ def random_reinit(model: nn.Module, mask: Mask, init_fn: Callable[[nn.Module], N
     ``reset_parameters``. Pass the initialiser the model was built with, so that θ_0' comes
     from the same distribution as θ_0 (the paper's control).
     """
+    _check_int("seed", seed, 0)
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"init_fn must be callable as init_fn(model), got {type(init_fn).__name__}")
+    known = dict(model.named_modules())
+    for name, m in mask.items():
+        if not isinstance(known.get(name), PRUNABLE) or m.shape != known[name].weight.shape:
+            raise ValueError(f"mask[{name!r}] must be shaped like the weight of a Linear or Conv module of the model")
     net = remove_masks(copy_network(model))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -291,7 +314,8 @@ def random_reinit(model: nn.Module, mask: Mask, init_fn: Callable[[nn.Module], N
 def early_stop_iteration(iterations: list[int], val_losses: list[float]) -> int:
     """The paper's speed measure: the iteration with the lowest validation loss (the first one on ties)."""
     if len(iterations) != len(val_losses) or not iterations:
-        raise ValueError("need one validation loss per evaluated iteration, and at least one")
+        raise ValueError(f"iterations and val_losses must have the same length, at least 1; got "
+                         f"{len(iterations)} and {len(val_losses)}")
     best = min(range(len(val_losses)), key=lambda i: (val_losses[i], i))
     return int(iterations[best])
 

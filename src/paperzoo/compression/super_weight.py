@@ -50,7 +50,8 @@ Implementation notes, and what was checked in the official code (mengxiayu/LLMSu
   GPT-2 ``mlp.c_proj``, OPT ``fc2``, NeoX ``dense_4h_to_h``). Coordinates are always
   ``(row, col)`` of the ``nn.Linear`` layout ``[out, in]``; GPT-2's transposed ``Conv1D``
   weight is read through a transposed view. Padded positions are left out of the
-  maxima when an attention mask is given.
+  maxima when an attention mask is given; the prompt may be a token-id tensor or a
+  tokenizer's output (any mapping with ``input_ids``).
 - The spike threshold defaults to 50, the value the official analysis script uses for
   fp16 7B models; it is an absolute activation size, so on other models read the
   magnitudes (``input_spike``, ``output_spike``) rather than only the flag.
@@ -80,7 +81,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paperzoo.compression import Compressed, parameter_bits
+from paperzoo.compression import Compressed, batch_tensors, check_token_ids, parameter_bits
 from paperzoo.core.models import decoder_layers
 
 ATTENTION_NAMES = ("attn", "attention")
@@ -139,14 +140,17 @@ def down_projections(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
 
 
 @torch.no_grad()
-def super_weight_candidates(model: nn.Module, input_ids: torch.Tensor,
-                            attention_mask: torch.Tensor | None = None) -> list[SuperWeight]:
+def super_weight_candidates(model: nn.Module, input_ids, attention_mask: torch.Tensor | None = None) -> list[SuperWeight]:
     """One candidate per down-projection, from ONE forward pass: W[argmax |Y| channel, argmax |X| channel].
 
-    `input_ids` is [batch, T]; positions where `attention_mask` is 0 do not count.
+    `input_ids` is [batch, T], or a mapping with 'input_ids' and 'attention_mask' (a
+    tokenizer's output); positions where the attention mask is 0 do not count.
     """
-    if input_ids.ndim != 2:
+    if isinstance(input_ids, torch.Tensor) and input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, T], got shape {tuple(input_ids.shape)}")
+    input_ids, mask = batch_tensors(input_ids)
+    attention_mask = mask if attention_mask is None else attention_mask
+    check_token_ids(model, input_ids)
     projections = down_projections(model)
     peaks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (max_t |X| per channel, max_t |Y| per channel)
     keep = None if attention_mask is None else attention_mask.to(torch.bool)
@@ -177,13 +181,18 @@ def super_weight_candidates(model: nn.Module, input_ids: torch.Tensor,
     return candidates
 
 
-def find_super_weights(model: nn.Module, input_ids: torch.Tensor, spike_threshold: float = 50.0,
+def find_super_weights(model: nn.Module, input_ids, spike_threshold: float = 50.0,
                        max_rounds: int = 10, attention_mask: torch.Tensor | None = None) -> list[SuperWeight]:
     """The paper's procedure: flag blocks whose down-projection input AND output spike above the
     threshold, zero the flagged weights, and look again until nothing new spikes.
 
+    `input_ids` as in `super_weight_candidates` (a tensor or a tokenizer's output).
     The model is left unchanged. Each round is one forward pass.
     """
+    if not spike_threshold > 0:
+        raise ValueError(f"spike_threshold must be positive, got {spike_threshold!r}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     found: list[SuperWeight] = []
     for _ in range(max_rounds):
         with ablated(model, found):

@@ -85,9 +85,16 @@ def stdlib_corpus() -> Corpus:
     """The embedded default corpus, parsed once and cached as JSON."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     path = store.home() / "corpus" / f"stdlib-docstrings-{version}.json"
-    if not path.exists():
-        store.write_atomic(path, json.dumps(_stdlib_docstrings()))
-    return _split([tuple(x) for x in json.loads(path.read_text())], f"stdlib-docstrings-{version}")
+    units = None
+    if path.exists():
+        try:
+            units = [tuple(x) for x in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            store.notice(f"cache entry {path} is damaged; rebuilding it")
+    if units is None:
+        units = _stdlib_docstrings()
+        store.write_atomic(path, json.dumps(units))
+    return _split(units, f"stdlib-docstrings-{version}")
 
 
 def text_file_corpus(path: Path) -> Corpus:
@@ -99,9 +106,18 @@ def text_file_corpus(path: Path) -> Corpus:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CorpusError(f"corpus file is not UTF-8 text: {path}") from None
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    # Units of 20 consecutive paragraphs keep neighbouring text on one side of the split.
-    return _split([(f"{i // 20}", p) for i, p in enumerate(paragraphs)], f"file:{path.resolve()}")
+    # Documents are paragraphs; a text without blank lines falls back to lines, then to 2,000-character pieces.
+    # Units of 20 consecutive documents keep neighbouring text on one side of the split.
+    name = f"file:{path.resolve()}"
+    candidates = ([p.strip() for p in text.split("\n\n") if p.strip()],
+                  [line.strip() for line in text.splitlines() if line.strip()],
+                  [text[i:i + 2000].strip() for i in range(0, len(text), 2000) if text[i:i + 2000].strip()])
+    for documents in candidates:
+        try:
+            return _split([(f"{i // 20}", d) for i, d in enumerate(documents)], name)
+        except CorpusError:
+            continue
+    raise CorpusError(f"corpus file {path} is too small ({len(text)} characters) to hold out validation text")
 
 
 def hf_dataset_corpus(spec: str) -> Corpus:

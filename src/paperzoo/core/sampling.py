@@ -13,6 +13,12 @@ measures such as DeepConf's are defined on the model's distribution.
 Methods that need control `generate` does not give (forcing or suppressing a token
 mid-sequence, stopping on a running statistic, drafting and verifying) write their
 own loop over `model(...)` with `past_key_values`; see `paperzoo.decoding`.
+
+Batches of prompts are always padded on the left (`encode_left_padded`), whatever the
+tokenizer's own `padding_side` (`load_causal_lm` returns tokenizers that pad on the
+right) and whether or not it has a pad token: a decoder-only model continues every row
+from its last column. `check_positions` refuses, before any work, a prompt and budget
+that would run past a model's learned positions (a raw IndexError otherwise).
 """
 
 from __future__ import annotations
@@ -38,6 +44,49 @@ class Sample:
         return len(self.tokens)
 
 
+def encode_left_padded(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}`` [B, L] of `prompts`, padded on the left whatever the tokenizer's side.
+
+    Each prompt is tokenized alone (no special tokens) and padded with the pad token, else
+    EOS, else 0; padded columns have attention 0. Raises ValueError for no prompts or an
+    empty one.
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [r.tolist() if hasattr(r, "tolist") else list(r) for r in rows]
+    rows = [r[0] if r and isinstance(r[0], list) else r for r in rows]  # a tokenizer that returns [[...]]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt is empty (no tokens)")
+    pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                if t is not None), 0)
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def max_positions(model) -> int | None:
+    """The number of positions the model was built for (`max_position_embeddings`, GPT-2's `n_positions`), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int, extra: int = 0, what: str = "model") -> None:
+    """ValueError unless prompt + max_new_tokens (+ `extra` look-ahead positions) fit in the model's positions."""
+    limit = max_positions(model)
+    need = prompt_tokens + max_new_tokens + extra
+    if limit is not None and need > limit:
+        more = f" + {extra} look-ahead" if extra else ""
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}){more} needs {need} "
+                         f"positions, but the {what} has {limit} (max_position_embeddings): shorten the prompt or "
+                         f"lower max_new_tokens")
+
+
 def token_statistics(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = 0):
     """log p of `tokens`, entropy, and the top-k log-probabilities, from raw `logits` [..., V]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -53,11 +102,17 @@ def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_n
            batch_size: int = 64) -> list[Sample]:
     """`num_samples` completions of each prompt (greedy when temperature is 0), with statistics.
 
-    Returns samples grouped by prompt: prompt 0's samples first. The tokenizer must
-    pad on the left (decoder-only batching).
+    Returns samples grouped by prompt: prompt 0's samples first. Batches are padded on
+    the left whatever the tokenizer's `padding_side`.
     """
-    if tokenizer.padding_side != "left":
-        raise ValueError("sample() needs a tokenizer with padding_side='left' for batched decoding")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be at least 1, not {num_samples} and {batch_size}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    encoded = encode_left_padded(tokenizer, prompts)
+    check_positions(model, encoded["input_ids"].shape[1], max_new_tokens)
     eos = tokenizer.eos_token_id
     greedy = temperature == 0
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(1 if greedy else num_samples)]
@@ -65,7 +120,7 @@ def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_n
     torch.manual_seed(seed)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_left_padded(tokenizer, [p for _, p in chunk])
         kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
                              return_dict_in_generate=True, output_logits=True, **kwargs)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_cosine_schedule_with_warmup
 
@@ -73,10 +74,13 @@ def token_blocks(tokenizer, docs, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def progress(desc: str) -> Progress:
+def progress(desc: str, disable: bool | None = None) -> Progress:
+    """A progress bar on stderr; silent when stderr is not a terminal (logs and pipes stay clean)."""
+    console = Console(stderr=True)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False, console=console,
+        disable=not console.is_terminal if disable is None else disable,
     )
 
 
@@ -120,6 +124,9 @@ def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Te
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = net(input_ids=x, labels=x).loss
             if not math.isfinite(loss.item()):
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise NonFiniteLossError(f"{desc}: the model's weights hold NaN or inf (loss {loss.item()} at step "
+                                             f"{step}); check the checkpoint")
                 raise NonFiniteLossError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

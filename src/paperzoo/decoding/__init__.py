@@ -8,6 +8,12 @@ cost (forward passes of the model, wall time), with the strategy's own statistic
 `greedy_decode` is the baseline every speed-up is measured against, and
 `count_forward_passes` counts calls of any module exactly (a forward hook), so that
 no strategy reports its own cost by arithmetic.
+
+Every strategy checks its arguments before any forward pass: bad values raise a
+`ValueError` naming the argument and its allowed range, and a prompt plus budget that
+would run past the model's positions is refused naming the limit
+(`paperzoo.core.sampling.check_positions`). Batched strategies pad on the left
+themselves, so a tokenizer that pads on the right (as `load_causal_lm` returns) works.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from paperzoo.core.sampling import check_positions
 
 
 @dataclass
@@ -66,7 +74,10 @@ def cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:
 @torch.no_grad()
 def greedy_decode(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Generation:
     """Plain greedy decoding with transformers' `generate` (KV cache), the baseline for speed-ups."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     ids = prompt_ids(tokenizer, prompt)
+    check_positions(model, ids.shape[1], max_new_tokens)
     eos = tokenizer.eos_token_id
     with count_forward_passes(model) as passes:
         start = time.perf_counter()

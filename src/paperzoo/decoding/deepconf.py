@@ -66,6 +66,15 @@ Implementation notes (checked against facebookresearch/deepconf: ``helper.py``,
   which it uses).
 - `tokens_spent` counts every generated token of every trace, warm-up and cut-off
   traces included, each up to and including its EOS (a forced EOS counts too).
+- Warm-up: the official online script samples 16 warm-up traces of a budget of 256
+  (``WARMUP_TRACES = 16``, ``TOTAL_BUDGET = 256`` in ``deepconf-online.py``), 6.25% of
+  the budget; `PAPER_WARMUP_SHARE` keeps that ratio for smaller budgets.
+- Online votes: as in ``deepconf-online.py``, a warm-up trace votes if its lowest group
+  confidence is at least the bar; a later trace votes unless it was cut; every vote is
+  weighted by the trace's lowest group confidence. ``stats`` lists, per trace, whether
+  it was cut, its confidence and whether it voted, so that this rule can be checked.
+- Arguments are checked before any trace is sampled (an unknown `metric` included), and
+  prompts are padded on the left whatever the tokenizer's `padding_side`.
 """
 
 from __future__ import annotations
@@ -79,12 +88,14 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from paperzoo.core.reasoning import extract_answer
-from paperzoo.core.sampling import sample
+from paperzoo.core.sampling import check_positions, encode_left_padded, sample
 from paperzoo.decoding import Generation, count_forward_passes
 
 PAPER_WINDOW = 2048  # group (sliding window) and tail length, tokens
 PAPER_TOP_K = 20  # logprobs=20 in the official scripts
-PAPER_WARMUP = 16  # N_init
+PAPER_WARMUP = 16  # N_init (WARMUP_TRACES in the official deepconf-online.py)
+PAPER_BUDGET = 256  # TOTAL_BUDGET in the official deepconf-online.py
+PAPER_WARMUP_SHARE = PAPER_WARMUP / PAPER_BUDGET  # 6.25% of the budget
 PAPER_CONSENSUS = 0.95  # tau
 METRICS = ("mean", "lowest_group", "bottom_10_group", "tail")
 
@@ -255,17 +266,34 @@ def _check_top_k(model, top_k: int) -> None:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab}, not {top_k}")
 
 
+def _check_arguments(model, top_k: int, temperature: float, top_p: float, max_new_tokens: int, window: int,
+                     eta: float | None = None, metric: str | None = None, tail: int | None = None) -> None:
+    """Every public entry point's argument checks, before any trace is sampled."""
+    _check_top_k(model, top_k)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if window < 1 or (tail is not None and tail < 1):
+        raise ValueError(f"window and tail must be at least 1 token, got {window} and {tail}")
+    if eta is not None and not 0 < eta <= 100:
+        raise ValueError(f"eta is a percentage in (0, 100], not {eta}")
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown confidence metric {metric!r}; known: {', '.join(METRICS)}")
+
+
 @torch.no_grad()
 def sample_traces(model, tokenizer, prompts: Sequence[str], thresholds: torch.Tensor | None = None,
                   window: int = PAPER_WINDOW, top_k: int = PAPER_TOP_K, temperature: float = 1.0,
                   top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0,
                   answer_of: Callable[[str], Hashable | None] = extract_answer) -> list[Trace]:
-    """One trace per prompt (repeat a prompt for several), cut off below `thresholds` if given."""
-    if tokenizer.padding_side != "left":
-        raise ValueError("sample_traces() needs a tokenizer with padding_side='left' for batched decoding")
-    _check_top_k(model, top_k)
+    """One trace per prompt (repeat a prompt for several), cut off below `thresholds` [len(prompts)] if given."""
+    _check_arguments(model, top_k, temperature, top_p, max_new_tokens, window)
+    if thresholds is not None and tuple(thresholds.shape) != (len(prompts),):
+        raise ValueError(f"thresholds must hold one bar per prompt ({len(prompts)}), got shape {tuple(thresholds.shape)}")
     eos = tokenizer.eos_token_id
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = encode_left_padded(tokenizer, prompts)
+    check_positions(model, enc["input_ids"].shape[1], max_new_tokens)
     stop = ConfidenceEarlyStop(thresholds, window, top_k, eos)
     kwargs = ({"do_sample": False} if temperature == 0 else
               {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0})
@@ -316,7 +344,7 @@ def deepconf_offline(model, tokenizer, prompt: str, num_traces: int = 512, eta: 
     """Sample `num_traces` full traces, keep the top-eta% by `metric`, return the confidence-weighted vote."""
     if num_traces < 1:
         raise ValueError(f"num_traces must be at least 1, not {num_traces}")
-    _check_top_k(model, top_k)
+    _check_arguments(model, top_k, temperature, top_p, max_new_tokens, window, eta, metric, tail)
     with count_forward_passes(model) as passes:
         start = time.perf_counter()
         samples = sample(model, tokenizer, [prompt], num_samples=num_traces, max_new_tokens=max_new_tokens,
@@ -343,15 +371,15 @@ def deepconf_online_batch(model, tokenizer, prompts: Sequence[str], budget: int 
     until the weighted vote reaches consensus `tau`. `forward_passes` and
     `wall_seconds` of every Generation are those of the whole batched call.
     """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
     if not 1 <= warmup <= budget:
         raise ValueError(f"need 1 <= warmup <= budget, got warmup={warmup}, budget={budget}")
     if not 0 < tau <= 1:
         raise ValueError(f"the consensus threshold tau must be in (0, 1], not {tau}")
-    if not 0 < eta <= 100:
-        raise ValueError(f"eta is a percentage in (0, 100], not {eta}")
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, not {parallel}")
-    _check_top_k(model, top_k)
+    _check_arguments(model, top_k, temperature, top_p, max_new_tokens, window, eta)
     P = len(prompts)
     with count_forward_passes(model) as passes:
         start = time.perf_counter()
@@ -398,6 +426,10 @@ def deepconf_online_batch(model, tokenizer, prompts: Sequence[str], budget: int 
             "discarded": sum(t.stopped or c < bars[p] for t, c in zip(traces[p], least[p])),
             "consensus_reached": votes[p].consensus >= tau,
             "batch_prompts": P,
+            # per trace, in sampling order (warm-up first): cut off, lowest group confidence, voted
+            "trace_stopped": [t.stopped for t in traces[p]],
+            "trace_confidence": list(least[p]),
+            "trace_voted": [i in set(votes[p].kept) for i in range(len(traces[p]))],
         }))
     return out
 

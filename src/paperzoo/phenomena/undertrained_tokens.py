@@ -33,13 +33,24 @@ Implementation notes:
   position where the copy must start instead of the maximum over three greedily
   generated positions. A token is verified when that probability is below 0.01,
   the cut-off the paper reports (its code also labels 0.01-0.1 "weakly verified").
-- The official code's default indicator for *untied* models is now the L2 norm of
-  the input embedding rows (`input_embedding_norm`); the paper's unembedding
-  indicator above stays the main one here, and experiments report both.
+- The paper calls its indicators architecture-dependent (Sec. 2.2), and the official
+  code (``magikarp/model.py``, ``calculate_unused_token_metric``) makes the L2 norm of
+  the *input* embedding rows the default for models with *untied* embeddings: an input
+  row that never receives a gradient only decays (`input_embedding_norm`; low =
+  under-trained). `find_undertrained_tokens` therefore uses that indicator for untied
+  models and the unembedding indicator above for tied ones (``indicator="auto"``);
+  any of them can be asked for by name (`INDICATORS`). For tied models the official
+  code's default is the plain cosine distance, without removing the first component;
+  it is available as ``"unembedding_cosine"``.
+- A model with fewer positions than a verification prompt gets the prompt's last
+  positions (the copy position and the repeats before it); the report says how many
+  leading tokens were cut. A tokenizer with more tokens than the model's vocabulary
+  is refused.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,19 +76,63 @@ def remove_component(U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return U - torch.outer(U @ c, c)
 
 
-def undertrained_indicator(U: torch.Tensor, reference_ids) -> torch.Tensor:
-    """Cosine distance of every row of U' to the mean reference row (low = under-trained)."""
+def unembedding_cosine_distance(U: torch.Tensor, reference_ids, remove: str | None = "first_pc") -> torch.Tensor:
+    """Cosine distance of every row to the mean reference row, after removing the first principal
+    component (``"first_pc"``, the paper's), the mean row (``"mean"``), or nothing (``None``)."""
     reference_ids = torch.as_tensor(list(reference_ids), dtype=torch.long)
     if reference_ids.numel() == 0:
         raise ValueError("the indicator needs at least one reference (known unused) token")
-    U_prime = remove_component(U, first_principal_component(U))
-    u_oov = U_prime[reference_ids].mean(0)
-    return 1.0 - torch.nn.functional.cosine_similarity(U_prime, u_oov[None, :], dim=-1)
+    if int(reference_ids.min()) < 0 or int(reference_ids.max()) >= U.shape[0]:
+        raise ValueError(f"reference token ids must lie in 0 .. {U.shape[0] - 1}")
+    if remove == "first_pc":
+        U = remove_component(U, first_principal_component(U))
+    elif remove == "mean":
+        U = U - U.mean(0, keepdim=True)
+    elif remove is not None:
+        raise ValueError(f"remove must be 'first_pc', 'mean' or None, got {remove!r}")
+    u_oov = U[reference_ids].mean(0)
+    return 1.0 - torch.nn.functional.cosine_similarity(U, u_oov[None, :], dim=-1)
+
+
+def undertrained_indicator(U: torch.Tensor, reference_ids) -> torch.Tensor:
+    """The paper's unembedding indicator: cosine distance of every row of U' to the mean reference row
+    (U' = U with its first principal component removed; low = under-trained)."""
+    return unembedding_cosine_distance(U, reference_ids, remove="first_pc")
 
 
 def input_embedding_norm(model) -> torch.Tensor:
     """L2 norm of each input-embedding row: small for tokens whose embeddings only decayed."""
     return model.get_input_embeddings().weight.detach().float().norm(dim=-1)
+
+
+def embeddings_tied(model) -> bool:
+    """Whether the input embedding and the unembedding are one matrix."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+# Every indicator by name; low values mean under-trained for all of them.
+INDICATORS = ("input_embedding_norm", "unembedding_cosine_first_pc_removed", "unembedding_cosine",
+              "unembedding_cosine_centred")
+
+
+def default_indicator(model) -> str:
+    """The indicator the paper and its code use for this architecture: the input-embedding norm for
+    untied embeddings (the official default), the paper's unembedding indicator for tied ones."""
+    return "unembedding_cosine_first_pc_removed" if embeddings_tied(model) else "input_embedding_norm"
+
+
+def indicator_values(model, name: str, reference=(), vocab: int | None = None) -> torch.Tensor:
+    """The named indicator for the first `vocab` tokens (all rows by default)."""
+    if name == "input_embedding_norm":
+        values = input_embedding_norm(model)
+    elif name.startswith("unembedding_cosine") and name in INDICATORS:
+        remove = {"unembedding_cosine_first_pc_removed": "first_pc", "unembedding_cosine": None,
+                  "unembedding_cosine_centred": "mean"}[name]
+        values = unembedding_cosine_distance(unembedding_matrix(model)[:vocab], reference, remove)
+    else:
+        raise ValueError(f"indicator must be one of {', '.join(INDICATORS)} or 'auto', got {name!r}")
+    return values[:vocab]
 
 
 def candidates_below_percentile(indicator: torch.Tensor, percentile: float, exclude=()) -> list[int]:
@@ -154,10 +209,30 @@ REPEAT_TEMPLATES = (
 )
 
 
+def max_positions(model) -> int | None:
+    """How many positions the model takes (None when its config does not say)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_length(tokenizer, template: str) -> int:
+    """Tokens in a verification prompt: the template's text pieces plus one token per placeholder."""
+    pieces = template.split("{token}")
+    return sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in pieces) + len(pieces) - 1
+
+
 @torch.no_grad()
 def verification_probability(model, tokenizer, token_ids, templates=REPEAT_TEMPLATES) -> torch.Tensor:
-    """For each token, the highest probability (over templates) the model gives it where it must be copied."""
+    """For each token, the highest probability (over templates) the model gives it where it must be copied.
+
+    A prompt longer than the model's positions keeps its last positions (see `max_positions`).
+    """
     model.eval()
+    limit = max_positions(model)
     out = torch.zeros(len(token_ids))
     for template in templates:
         pieces = [tokenizer.encode(p, add_special_tokens=False) for p in template.split("{token}")]
@@ -168,7 +243,7 @@ def verification_probability(model, tokenizer, token_ids, templates=REPEAT_TEMPL
                 row = list(pieces[0])
                 for piece in pieces[1:]:
                     row += [i] + piece
-                rows.append(row)
+                rows.append(row[-limit:] if limit else row)
             logits = model(input_ids=torch.tensor(rows)).logits[:, -1].float()
             probs = logits.softmax(-1)[torch.arange(len(chunk)), torch.tensor(chunk)]
             out[k : k + len(chunk)] = torch.maximum(out[k : k + len(chunk)], probs)
@@ -177,28 +252,46 @@ def verification_probability(model, tokenizer, token_ids, templates=REPEAT_TEMPL
 
 @dataclass
 class UndertrainedTokenReport:
-    indicator: torch.Tensor  # [vocab] cosine distance to the unused-token mean
-    reference: list[int]  # the known-unused tokens the mean was taken over
+    indicator: torch.Tensor  # [vocab] the indicator's value per token (low = under-trained)
+    reference: list[int]  # the known-unused tokens (the unembedding indicators average them)
     candidates: list[int]  # below the percentile, lowest indicator first
     verification: dict[int, float]  # candidate -> max repeat probability
     verified: list[int]  # candidates whose repeat probability is below the threshold
+    indicator_name: str = "unembedding_cosine_first_pc_removed"  # which of INDICATORS
+    prompt_tokens_clipped: int = 0  # leading verification-prompt tokens cut to fit the model's positions
 
 
 def find_undertrained_tokens(model, tokenizer, percentile: float = 2.0, max_probability: float = 0.01,
-                             reference=None) -> UndertrainedTokenReport:
+                             reference=None, indicator: str = "auto",
+                             templates=REPEAT_TEMPLATES) -> UndertrainedTokenReport:
     """The paper's pipeline on any HF causal LM and its tokenizer.
 
-    The percentile is taken over the ordinary tokens only, as in the paper's code.
-    A candidate is verified when its repeat probability stays below `max_probability`.
+    ``indicator="auto"`` picks the one the paper and its code use for the architecture
+    (`default_indicator`). The percentile is taken over the ordinary tokens only, as in
+    the paper's code. A candidate is verified when its repeat probability stays below
+    `max_probability`.
     """
-    reference = reference_unused_tokens(tokenizer) if reference is None else list(reference)
-    if not reference:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    if isinstance(max_probability, bool) or not isinstance(max_probability, (int, float)) \
+            or not 0 < max_probability <= 1:
+        raise ValueError(f"max_probability must be a number in (0, 1], got {max_probability!r}")
+    name = default_indicator(model) if indicator == "auto" else indicator
+    if name not in INDICATORS:
+        raise ValueError(f"indicator must be one of {', '.join(INDICATORS)} or 'auto', got {indicator!r}")
+    V, rows = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if V > rows:
+        raise ValueError(f"the tokenizer has {V} tokens but {type(model).__name__} embeds only {rows}: "
+                         "pass the model's own tokenizer")
+    reference = reference_unused_tokens(tokenizer) if reference is None else [int(i) for i in reference]
+    if not reference and name != "input_embedding_norm":
         raise ValueError("no known-unused reference tokens found; pass `reference` token ids explicitly")
-    U = unembedding_matrix(model)[: len(tokenizer)]
-    indicator = undertrained_indicator(U, reference)
+    values = indicator_values(model, name, reference, vocab=V)
     scored = torch.tensor(ordinary_tokens(tokenizer))
-    found = scored[candidates_below_percentile(indicator[scored], percentile)].tolist()
-    probs = verification_probability(model, tokenizer, found) if found else torch.zeros(0)
+    found = scored[candidates_below_percentile(values[scored], percentile)].tolist()
+    probs = verification_probability(model, tokenizer, found, templates) if found else torch.zeros(0)
     verification = {i: float(p) for i, p in zip(found, probs)}
     verified = [i for i in found if verification[i] < max_probability]
-    return UndertrainedTokenReport(indicator, reference, found, verification, verified)
+    limit = max_positions(model) or math.inf
+    clipped = max([0] + [prompt_length(tokenizer, t) - limit for t in templates])
+    return UndertrainedTokenReport(values, reference, found, verification, verified, name, int(clipped))

@@ -1,14 +1,22 @@
 """The static HTML report: the catalogue with statuses and verdicts, and one page per experiment run or survey map.
 
-Plain HTML and one stylesheet, no JavaScript, so that it opens from disk and can be
-served by anything. Each experiment page shows the run `results.latest` picks (the
-newest with a verdict), with claim, predicate, checks, numbers and plot; a survey's
-page shows its taxonomy mapped onto paperzoo papers (`catalog.survey_maps`).
+Plain HTML, one stylesheet and a few lines of script (only to filter the catalogue
+by family and status; everything shows without it), so that it opens from disk and
+can be served by anything. Each experiment page shows the record `results.latest`
+picks (the newest aggregate over seeds, else the newest run with a verdict), with
+claim, source, predicate, preconditions, checks, the model and corpus it measured,
+numbers and plot; a survey's page shows its taxonomy mapped onto paperzoo papers
+(`catalog.survey_maps`). The output folder is written fresh each time: it is built
+beside the target and swapped in, and a folder that is not a paperzoo report is
+never replaced.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections import Counter
 from html import escape
 from pathlib import Path
@@ -19,6 +27,13 @@ from paperzoo.core import results, store
 CSS = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem; color: #222; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; }
+.scroll { overflow-x: auto; }
+#filters { margin: .5rem 0; display: flex; gap: 1rem; flex-wrap: wrap; }
+@media (max-width: 640px) {
+  body { margin: 1rem auto; font-size: 14px; }
+  #catalogue th:nth-child(1), #catalogue td:nth-child(1), #catalogue th:nth-child(3), #catalogue td:nth-child(3) { display: none; }
+  #catalogue td, #catalogue th { word-break: break-word; }
+}
 th, td { border-bottom: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; position: sticky; top: 0; }
 .status { font-weight: 600; white-space: nowrap; }
@@ -32,7 +47,24 @@ img.plot { max-width: 100%; border: 1px solid #ddd; }
 
 def _page(title: str, body: str) -> str:
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<link rel=\"stylesheet\" href=\"style.css\"></head><body>\n{body}\n</body></html>\n")
+
+
+MARKER = ".paperzoo-report"
+FILTER_SCRIPT = """
+<script>
+function filterCatalogue() {
+  const family = document.getElementById('family').value, status = document.getElementById('status').value;
+  for (const row of document.querySelectorAll('#catalogue tbody tr')) {
+    row.hidden = (family && row.dataset.family !== family) || (status && row.dataset.status !== status);
+  }
+}
+</script>"""
+
+
+class ReportError(ValueError):
+    """The report cannot be written where asked."""
 
 
 def _number(v) -> str:
@@ -85,34 +117,87 @@ def paper_page(paper: catalog.Paper, record: dict | None, plot_name: str,
 {survey_map_section(paper, pages)}"""
     if record is None:
         return _page(f"{paper.slug}: {paper.status}", header)
-    checks = "".join(f"<li>{'pass' if v else 'undecided' if v is None else 'fail'}: {escape(k)}</li>"
-                     for k, v in record["checks"].items())
-    scalars = "".join(f"<tr><th>{escape(k)}</th><td>{_number(v)}</td></tr>" for k, v in record["metrics"].items()
-                      if isinstance(v, (int, float, str)) and not k.startswith("_"))
+    def mark(value) -> str:
+        values = value if isinstance(value, list) else [value]
+        words = ["pass" if v is True else "fail" if v is False else "undecided" for v in values]
+        return words[0] if len(set(words)) == 1 else "/".join(words) + " (by seed)"
+
+    smoke = record.get("scale") == "smoke"
+    preconditions = "".join(f"<li>{mark(v)}: {escape(k)}</li>" for k, v in (record.get("preconditions") or {}).items())
+    checks = "".join(f"<li>{mark(v)}: {escape(k)}</li>" for k, v in record["checks"].items())
+    seeds = (f"seeds {', '.join(map(str, record['seeds']))}" if record.get("kind") == "aggregate"
+             else f"seed {record.get('seed')}")
+    substrate = "; ".join(f"{c.get('name')} ({c.get('parameters', 0):,} parameters)" for c in record.get("substrate") or [])
+    def summary(v) -> str:  # an aggregate's metric: mean and range over seeds
+        if isinstance(v, dict) and {"mean", "min", "max"} <= v.keys():
+            return f"{_number(v['mean'])} <small>({_number(v['min'])} to {_number(v['max'])})</small>"
+        return _number(v)
+
+    scalars = "".join(f"<tr><th>{escape(k)}</th><td>{summary(v)}</td></tr>" for k, v in record["metrics"].items()
+                      if (isinstance(v, (int, float, str)) or (isinstance(v, dict) and "mean" in v))
+                      and not k.startswith("_"))
     tables = "".join(f"<h3>{escape(k)}</h3>{_rows_table(v)}" for k, v in record["metrics"].items()
                      if not k.startswith("_") and _is_rows(v))
     detail = {k: v for k, v in record["metrics"].items()
-              if not k.startswith("_") and not isinstance(v, (int, float, str)) and not _is_rows(v)}
+              if not k.startswith("_") and not isinstance(v, (int, float, str)) and not _is_rows(v)
+              and not (isinstance(v, dict) and "mean" in v)}
     body = f"""{header}
-<h2>Verdict: <span class="status {escape(record['verdict'])}">{escape(record['verdict'])}</span></h2>
-<p>scale <b>{escape(record['scale'])}</b>, seed {record['seed']}, model {escape(str(record.get('model')))},
-finished {escape(record['finished_at'])}, {record['wall_seconds']:.0f} s</p>
+<h2>Verdict: <span class="status {escape(record['verdict'])}">{escape(record['verdict'])}</span>
+<small>{escape(record.get('verdict_reason', ''))}</small></h2>
+{'<p class="smoke"><b>Smoke scale:</b> these checks only show that the code runs; they are not a verdict.</p>' if smoke else ''}
+<p>scale <b>{escape(record['scale'])}</b>, {seeds}; model measured: {escape(str(record.get('model') or 'none'))};
+corpus: {escape(str(record.get('corpus') or 'none'))}; finished {escape(record['finished_at'])},
+{record.get('wall_seconds', 0):.0f} s; commit {escape(str(record.get('git_commit', 'unknown')))}</p>
+{f"<p>substrate: {escape(substrate)}</p>" if substrate else ""}
 <h3>Claim</h3><p class="claim">{escape(record['claim'])}</p>
+{f"<p><small>source: {escape(record['source'])}</small></p>" if record.get('source') else ""}
 <h3>Predicate measured here</h3><p class="predicate">{escape(record['predicate'])}</p>
-<ul class="checks">{checks}</ul>
+{f'<h3>Preconditions</h3><ul class="preconditions">{preconditions}</ul>' if preconditions else ''}
+<h3>Checks</h3><ul class="checks">{checks}</ul>
 <h3>Plot</h3><img class="plot" src="{escape(plot_name)}" alt="plot for {escape(paper.slug)}">
-<h3>Numbers</h3><table>{scalars}</table>
+<h3>Numbers</h3><div class="scroll"><table>{scalars}</table></div>
 {tables}
 <details><summary>All measured values</summary><pre>{escape(json.dumps(detail, indent=1, default=str))}</pre></details>
-<p><small>versions: {escape(json.dumps(record['versions']))}</small></p>"""
+<p><small>versions: {escape(json.dumps(record.get('versions', {})))}; machine:
+{escape(json.dumps(record.get('machine', {})))}</small></p>"""
     return _page(f"{paper.slug}: {record['verdict']}", body)
 
 
+def _plot_of(record: dict) -> Path | None:
+    """A run's plot is beside it; an aggregate shows the plot of its first seed."""
+    path = Path(record["_path"])
+    if record.get("kind") == "aggregate":
+        runs = record.get("runs") or []
+        return path.with_name(runs[0]).with_suffix(".png") if runs else None
+    return path.with_suffix(".png")
+
+
 def build_report(out: Path, results_dir=None) -> Path:
-    """Write index.html, style.css and one page (plus plot) per experiment that has run."""
+    """Write index.html, style.css and one page (plus plot) per experiment that has run, replacing `out`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"report output is not a directory: {out}")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise ReportError(f"{out} is not empty and holds no paperzoo report; choose an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _write_report(tmp, results_dir)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "index.html"
+
+
+def _write_report(out: Path, results_dir=None) -> None:
+    (out / MARKER).write_text("written by paperzoo report; the whole folder is replaced on the next report\n")
     store.write_atomic(out / "style.css", CSS)
     from paperzoo.catalog.survey_maps import survey_map
 
@@ -124,8 +209,8 @@ def build_report(out: Path, results_dir=None) -> Path:
         verdict = ""
         plot_name = f"{p.slug}.png"
         if record is not None:
-            png = Path(record["_path"]).with_suffix(".png")
-            if png.exists():
+            png = _plot_of(record)
+            if png is not None and png.exists():
                 store.write_atomic(out / plot_name, png.read_bytes())
             verdict = (f'<a href="{p.slug}.html" class="status {escape(record["verdict"])}">{escape(record["verdict"])}</a>'
                        f' <small>({escape(record["scale"])})</small>')
@@ -133,13 +218,20 @@ def build_report(out: Path, results_dir=None) -> Path:
             verdict = f'<a href="{p.slug}.html">survey map</a>'
         if p.slug in pages:
             store.write_atomic(out / f"{p.slug}.html", paper_page(p, record, plot_name, pages))
-        rows.append(f'<tr><td><a href="{p.url}">{p.arxiv}</a></td><td>{escape(p.slug)}</td><td>{escape(p.family)}</td>'
+        rows.append(f'<tr data-family="{escape(p.family)}" data-status="{p.status}"><td><a href="{p.url}">{p.arxiv}</a></td>'
+                    f'<td>{escape(p.slug)}</td><td>{escape(p.family)}</td>'
                     f'<td class="status {p.status}">{p.status}</td><td>{verdict}</td><td>{escape(p.title)}'
                     f'{"<br><small>" + escape(p.status_note) + "</small>" if p.status_note else ""}</td></tr>')
     counts = Counter(p.status for p in catalog.papers())
     summary = ", ".join(f"{s}: {counts[s]}" for s in catalog.STATUSES if counts[s])
+    families = "".join(f'<option value="{escape(f)}">{escape(f)}</option>' for f in catalog.families())
+    statuses = "".join(f'<option value="{s}">{s}</option>' for s in catalog.STATUSES if counts[s])
     body = f"""<h1>paperzoo</h1>
 <p>{len(catalog.papers())} reviewed papers. {escape(summary)}.</p>
-<table id="catalogue"><thead><tr><th>arXiv</th><th>slug</th><th>family</th><th>status</th><th>last run</th><th>title</th></tr></thead>
-<tbody>{''.join(rows)}</tbody></table>"""
-    return store.write_atomic(out / "index.html", _page("paperzoo catalogue", body))
+<form id="filters" onchange="filterCatalogue()">
+<label>family <select id="family"><option value="">all</option>{families}</select></label>
+<label>status <select id="status"><option value="">all</option>{statuses}</select></label>
+</form>
+<div class="scroll"><table id="catalogue"><thead><tr><th>arXiv</th><th>slug</th><th>family</th><th>status</th><th>last run</th><th>title</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table></div>{FILTER_SCRIPT}"""
+    store.write_atomic(out / "index.html", _page("paperzoo catalogue", body))

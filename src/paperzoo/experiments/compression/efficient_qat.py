@@ -9,13 +9,40 @@ RTN quantisers, so its gain over RTN is what block-wise training bought, and
 E2E-QP starts from Block-AP, so its gain is what end-to-end step-size training
 added.
 
+Margins. Every model is scored on the same validation sequences, and each
+sequence's mean next-token NLL is kept (`sequence_nll` in the metrics). A check
+that compares two arms passes only when the paired percentile-bootstrap interval
+over sequences of their NLL difference lies beyond zero
+(`paperzoo.core.margins.clearly_greater`), so a 0.06% difference no longer counts.
+
+Precondition: round-to-nearest at the lowest bit-width must raise the validation
+NLL beyond that same interval. On a model that shrugs off 2-bit RTN there is no
+quantisation damage for EfficientQAT to repair, and the claim cannot be tested
+(the verdict is then `inconclusive`).
+
 Learning rates. The paper trains each block for 4096 steps (2 epochs of 4096
 samples, batch 2) and E2E-QP for 128 steps (4096 samples, batch 32); here a block
 gets ``2 * calibration_sequences / 2`` steps and E2E-QP ``e2e_steps``. The
 official learning rates are scaled by sqrt(paper steps / our steps), the rule that
 keeps the random-walk displacement of Adam's updates the same (linear scaling
 would move the 4-bit step sizes by more than their own size in one step). This
-rule was fixed before any run.
+rule was fixed before any run. The group size (64) is the paper's for 2 bits; the
+calibration and E2E-QP budgets were set by the time a `small` run may take, before
+any run, and were not tuned on the checks.
+
+Earlier predicate (until the margins of issue 9): the same four sub-predicates on
+the perplexities as bare comparisons -- (1) ppl(EfficientQAT) < ppl(RTN) and
+(2) ppl(EfficientQAT) < ppl(Block-AP) at every bit-width, (3) log(ppl_RTN /
+ppl_EQAT) largest at 2 bits, (4) log(ppl_EQAT / ppl_fp) <= 0.5 log(ppl_RTN / ppl_fp)
+at 2 bits -- on one seed, with no precondition. Verdict at `small`, seed 0:
+reproduced, on differences as small as 0.06% (2-bit: RTN 167.2, Block-AP 165.4,
+EfficientQAT 165.3 against 164.8 unquantised). It changed because a difference that
+small is within the noise of 48 validation sequences, and because 2-bit RTN cost
+only 1.5% here, so nothing showed the set-up could test the claim. What is compared
+is unchanged. Check (4)'s "half the excess" is our floor for the paper's "far
+better than post-training quantisation": on Llama-2-7B w2g64 EfficientQAT (6.86 vs
+fp16 5.47) removes over 90% of the log-perplexity that round-to-nearest adds
+(hundreds of perplexity in the w2g64 RTN rows the quantisation literature reports).
 """
 
 from __future__ import annotations
@@ -25,7 +52,7 @@ import math
 import numpy as np
 import torch
 
-from paperzoo.compression import Compressed, compare
+from paperzoo.compression import Compressed
 from paperzoo.compression.efficient_qat import (
     BlockAPConfig,
     E2EQPConfig,
@@ -35,8 +62,8 @@ from paperzoo.compression.efficient_qat import (
     quantization_report,
     rtn,
 )
-from paperzoo.core.evaluation import evaluate
 from paperzoo.core.experiment import Claim, Outcome, RunContext
+from paperzoo.core.margins import clearly_greater
 
 METHODS = ("rtn", "block_ap", "efficient_qat")
 LABELS = {"rtn": "RTN", "block_ap": "Block-AP", "efficient_qat": "Block-AP + E2E-QP"}
@@ -51,23 +78,41 @@ def paper_weight_lr(bits: int) -> float:
     return 2e-5 if bits <= 2 else 1e-5
 
 
-def checks(m: dict) -> dict[str, bool | None]:
-    ppl = {(r["bits"], r["method"]): r["compressed_perplexity"] for r in m["rows"]}
-    bits = sorted({r["bits"] for r in m["rows"]})
-    fp = m["original_perplexity"]
+def _nll(m: dict, bits: int, method: str) -> np.ndarray:
+    return np.asarray(m["sequence_nll"][str(bits)][method])
 
-    def gain(b: int) -> float:  # log-perplexity EfficientQAT saves over RTN
-        return math.log(ppl[b, "rtn"] / ppl[b, "efficient_qat"])
 
-    low = min(bits)
-    rtn_excess = math.log(ppl[low, "rtn"] / fp)
+def _bits(m: dict) -> list[int]:
+    return sorted(int(b) for b in m["sequence_nll"] if b != "fp")
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    low = min(_bits(m))
     return {
-        "EfficientQAT beats RTN at every bit-width": all(ppl[b, "efficient_qat"] < ppl[b, "rtn"] for b in bits),
+        f"round-to-nearest at {low} bits measurably hurts the model (validation NLL above full precision, "
+        "beyond the bootstrap interval over sequences)": clearly_greater(_nll(m, low, "rtn"), m["sequence_nll"]["fp"]),
+    }
+
+
+def checks(m: dict) -> dict[str, bool | None]:
+    bits = _bits(m)
+    low = min(bits)
+    fp = np.asarray(m["sequence_nll"]["fp"])
+
+    def gain(b: int) -> np.ndarray:  # per-sequence log-perplexity EfficientQAT saves over RTN
+        return _nll(m, b, "rtn") - _nll(m, b, "efficient_qat")
+
+    # (4) mean(eqat - fp) <= 0.5 mean(rtn - fp), i.e. mean(0.5 rtn + 0.5 fp - eqat) >= 0, beyond noise
+    half_way = 0.5 * (_nll(m, low, "rtn") + fp)
+    return {
+        "EfficientQAT beats RTN at every bit-width":
+            all(clearly_greater(_nll(m, b, "rtn"), _nll(m, b, "efficient_qat")) for b in bits),
         "E2E-QP improves on Block-AP alone at every bit-width":
-            all(ppl[b, "efficient_qat"] < ppl[b, "block_ap"] for b in bits),
-        "the margin over RTN is largest at the lowest bit-width": all(gain(low) > gain(b) for b in bits if b != low),
+            all(clearly_greater(_nll(m, b, "block_ap"), _nll(m, b, "efficient_qat")) for b in bits),
+        "the margin over RTN is largest at the lowest bit-width":
+            all(clearly_greater(gain(low), gain(b)) for b in bits if b != low) if len(bits) > 1 else None,
         "at the lowest bit-width EfficientQAT removes at least half of RTN's excess log-perplexity":
-            None if rtn_excess <= 0 else math.log(ppl[low, "efficient_qat"] / fp) <= 0.5 * rtn_excess,
+            clearly_greater(half_way, _nll(m, low, "efficient_qat")),
     }
 
 
@@ -80,13 +125,19 @@ CLAIM = Claim(
         "7.65 / 5.89 / 5.56 (official model cards), while round-to-nearest collapses at 2 bits."
     ),
     predicate=(
-        "On the 12-layer base LM, block linear weights quantised to 2, 3 and 4 bits with group size 64: "
-        "(1) Block-AP + E2E-QP has lower validation perplexity than RTN at every bit-width; (2) lower than "
-        "Block-AP alone at every bit-width; (3) its log-perplexity gain over RTN is largest at 2 bits; "
-        "(4) at 2 bits it removes at least half of RTN's excess log-perplexity over the fp model, "
-        "log(ppl_EQAT / ppl_fp) <= 0.5 log(ppl_RTN / ppl_fp)."
+        "On the 12-layer base LM, block linear weights quantised to 2, 3 and 4 bits with group size 64, "
+        "scored by each validation sequence's mean NLL; every comparison must hold beyond the 95% paired "
+        "bootstrap interval over sequences: (1) Block-AP + E2E-QP has lower NLL than RTN at every bit-width; "
+        "(2) lower than Block-AP alone at every bit-width; (3) its NLL gain over RTN is larger at 2 bits than "
+        "at 3 and 4; (4) at 2 bits it removes at least half of RTN's excess NLL over the fp model, "
+        "mean(NLL_EQAT - NLL_fp) <= 0.5 mean(NLL_RTN - NLL_fp). Precondition: 2-bit RTN raises the NLL "
+        "beyond the same interval."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 2407.11062: abstract and §1 (EfficientQAT outperforms previous quantisation methods, "
+            "most at 2 bits), §3.2-3.3 (Block-AP, E2E-QP), §4 (WikiText2 / C4 perplexity tables and the "
+            "ablation of Block-AP and E2E-QP); model zoo of the official README, OpenGVLab/EfficientQAT"),
 )
 
 # small: 24 calibration sequences of 256 tokens in batches of 2 for 2 epochs = 24 Block-AP steps per
@@ -96,6 +147,9 @@ CLAIM = Claim(
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ('model', 'corpus')
 SUBSTRATE = ('base-lm',)
+SEED_VARIES = ("which training sequences form the Block-AP calibration set and the order of E2E-QP's batches; "
+               "the base LM and the validation sequences are the same for every seed")
+MAX_ITEMS = 1000  # per-sequence lists in the record: longer ones are averaged in consecutive groups
 
 SCALES = {
     "smoke": {"bits": [2, 4], "group_size": 16, "calibration_sequences": 4, "block_batch": 2,
@@ -115,6 +169,51 @@ def learning_rates(bits: int, block_steps: int, e2e_steps: int) -> dict[str, flo
             "e2e_lr": paper_weight_lr(bits) * e2e}
 
 
+def _five(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
+def _items(values: torch.Tensor) -> list[float]:
+    """Per-item values for the record, to 5 digits: at most MAX_ITEMS, as means of k consecutive items beyond that.
+
+    Every arm is grouped alike, so paired comparisons stay paired.
+    """
+    v = values.double().numpy()
+    if len(v) > MAX_ITEMS:
+        k = -(-len(v) // MAX_ITEMS)
+        v = np.array([v[i : i + k].mean() for i in range(0, len(v), k)])
+    return [_five(x) for x in v]
+
+
+@torch.no_grad()
+def sequence_scores(model, blocks: torch.Tensor, batch_size: int = 16) -> dict:
+    """Each sequence's mean next-token NLL (nats), and perplexity and accuracy over all predicted positions."""
+    was_training = model.training
+    model.eval()
+    nll, correct, count = [], 0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target = x[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [b, T-1]
+        nll.append(loss.mean(1).cpu())
+        correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    model.train(was_training)
+    nll = torch.cat(nll)
+    return {"nll": nll, "perplexity": math.exp(nll.double().mean().item()), "accuracy": correct / count}
+
+
+def _row(bits: int, method: str, compressed: Compressed, scores: dict, original: dict, **extra) -> dict:
+    return {"bits": bits, "method": method,
+            "original_perplexity": original["perplexity"], "compressed_perplexity": scores["perplexity"],
+            "perplexity_ratio": scores["perplexity"] / original["perplexity"],
+            "original_accuracy": original["accuracy"], "compressed_accuracy": scores["accuracy"],
+            "size_ratio": compressed.report["size_ratio"],
+            "bits_per_quantized_weight": compressed.report["bits_per_quantized_weight"], **extra}
+
+
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
     lm = ctx.language_model()
@@ -126,38 +225,44 @@ def run(ctx: RunContext) -> Outcome:
     block_steps = s["block_epochs"] * math.ceil(s["calibration_sequences"] / s["block_batch"])
     g = s["group_size"]
 
-    original = evaluate(model, val_blocks)
+    original = sequence_scores(model, val_blocks)
+    sequence_nll: dict = {"fp": _items(original["nll"])}
     rows, block_mse, rates = [], {}, {}
     for bits in s["bits"]:
         lr = rates[bits] = learning_rates(bits, block_steps, s["e2e_steps"])
+        nll = sequence_nll[str(bits)] = {}
         base = rtn(model, bits, g)
-        rows.append({"bits": bits, "method": "rtn", **compare(model, base, val_blocks, original),
-                     "bits_per_quantized_weight": base.report["bits_per_quantized_weight"],
-                     "seconds": base.report["seconds"]})
+        scores = sequence_scores(base.model, val_blocks)
+        nll["rtn"] = _items(scores["nll"])
+        rows.append(_row(bits, "rtn", base, scores, original, seconds=base.report["seconds"]))
+        del base
         quantized, stats = block_ap(model, calibration, bits, g, BlockAPConfig(
             epochs=s["block_epochs"], batch_size=s["block_batch"], weight_lr=lr["weight_lr"],
             quant_lr=lr["quant_lr"]))
         block_mse[bits] = {"rtn": stats["rtn_mse"], "block_ap": stats["block_ap_mse"]}
         # evaluated as it stands (parametrised), before E2E-QP trains its step sizes in place
         alone = Compressed(quantized, quantization_report(quantized, model, bits, g, "Block-AP"))
-        rows.append({"bits": bits, "method": "block_ap", **compare(model, alone, val_blocks, original),
-                     "bits_per_quantized_weight": alone.report["bits_per_quantized_weight"],
-                     "seconds": {"block_ap": stats["seconds"]}})
+        scores = sequence_scores(quantized, val_blocks)
+        nll["block_ap"] = _items(scores["nll"])
+        rows.append(_row(bits, "block_ap", alone, scores, original, seconds={"block_ap": stats["seconds"]}))
         history = e2e_qp(quantized, train_blocks, E2EQPConfig(
             steps=s["e2e_steps"], batch_size=s["e2e_batch"], seq_len=lm.seq_len, lr=lr["e2e_lr"]), seed=ctx.seed)
         both = finish(quantized, model, bits, g, "EfficientQAT")
-        rows.append({"bits": bits, "method": "efficient_qat", **compare(model, both, val_blocks, original),
-                     "bits_per_quantized_weight": both.report["bits_per_quantized_weight"],
-                     "seconds": {"block_ap": stats["seconds"], "e2e_qp": history["seconds"]},
-                     "e2e_loss_first_last": [history["train_loss"][0], history["train_loss"][-1]]})
+        scores = sequence_scores(both.model, val_blocks)
+        nll["efficient_qat"] = _items(scores["nll"])
+        rows.append(_row(bits, "efficient_qat", both, scores, original,
+                         seconds={"block_ap": stats["seconds"], "e2e_qp": history["seconds"]},
+                         e2e_loss_first_last=[history["train_loss"][0], history["train_loss"][-1]]))
     metrics = {
         "original_perplexity": original["perplexity"],
         "original_accuracy": original["accuracy"],
         "group_size": g,
         "block_steps": block_steps,
+        "eval_sequences": len(val_blocks),
         "learning_rates": {str(b): r for b, r in rates.items()},
         "rows": rows,
         "block_mse": {str(b): v for b, v in block_mse.items()},
+        "sequence_nll": sequence_nll,
     }
     return Outcome(metrics, lambda fig: plot(fig, metrics))
 

@@ -10,6 +10,33 @@ round; each trained network's *early-stop iteration* (lowest validation loss) an
 its test accuracy at that iteration are recorded. At selected rounds the same mask
 is also trained from a fresh draw of the initial distribution, the paper's control.
 Metrics are means over trials, as in the paper (which averages five).
+
+Margins. Every comparison is paired by trial (a trial's dense network, its winning
+tickets and their re-initialised controls share θ_0's draw and the data order) and
+passes only when the percentile-bootstrap interval over trials of the difference
+lies beyond zero (`paperzoo.core.margins.clearly_greater`).
+
+Preconditions: the dense network trains (mean test accuracy at early stop at least
+five times chance, 50%, beyond the bootstrap interval over trials), and its
+validation loss reaches its minimum before the last evaluation in every trial, so
+that "stops early sooner / later than the dense network" is measured, not cut off
+by the iteration budget.
+
+Set-up hyper-parameters. The optimiser, learning rate, batch size and pruning rates
+are the paper's Lenet values. The iteration budget (1,500 at `small`, about 90
+epochs of the 987 training images) is judged by the dense network alone: its
+validation minimum (875 iterations at seed 0) falls well inside it, which the
+second precondition checks on every run. The compared rounds (3, 7, 11, 15) are
+those nearest the paper's 51.3%, 21.1%, 8.9% and 3.6% levels. Neither was chosen
+by looking at the tickets' or the controls' results.
+
+Earlier predicate (until the margins of issue 9): the same six sub-predicates on
+the means over trials, each a bare comparison (e.g. mean early-stop iteration of the
+ticket < that of the dense network). Verdict at `small`, seed 0: not reproduced
+(tickets beat their re-initialised masks, 97.6% vs 96.9% test accuracy at 21.5% of
+the weights, but stopped no sooner than the dense network, 1,060 vs 875
+iterations). It changed only to require each difference to exceed the spread over
+trials; what is compared is unchanged.
 """
 
 from __future__ import annotations
@@ -27,14 +54,34 @@ from paperzoo.compression.lottery_ticket import (
     remaining_fraction,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
+from paperzoo.core.margins import bootstrap_mean, clearly_greater
 from paperzoo.core.training import single_thread
 
 MODERATE = 0.2  # "winning tickets ... down to 21.1% learn faster and reach higher test accuracy" (Lenet)
 SPARSE = 0.25  # levels where the paper's re-initialised tickets have fallen behind (from 21.1% down)
 
 
+CHANCE = 0.1  # ten digit classes
+TRAINS = 5 * CHANCE  # "the dense network trains": test accuracy at least five times chance
+
+
 def _mean(level: dict, kind: str, key: str) -> float:
     return float(np.mean(level[kind][key]))
+
+
+def _per_trial(level: dict, kind: str, key: str) -> list[float]:
+    return [float(v) for v in level[kind][key]]
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    dense = m["levels"][0]["winning"]
+    last = m.get("iterations")
+    return {
+        f"the dense network trains (test accuracy above {TRAINS:.0%}, five times chance, beyond the trial spread)":
+            bootstrap_mean(dense["test_accuracy"]).above(TRAINS),
+        "the dense network's validation loss reaches its minimum before the last evaluation in every trial":
+            None if last is None else all(it < last for it in dense["early_stop_iteration"]),
+    }
 
 
 def checks(m: dict) -> dict[str, bool | None]:
@@ -47,28 +94,29 @@ def checks(m: dict) -> dict[str, bool | None]:
     def every(group: list[dict], holds) -> bool | None:
         return all(holds(lv) for lv in group) if group else None
 
-    def stop(lv: dict, kind: str) -> float:
-        return _mean(lv, kind, "early_stop_iteration")
+    def stop(lv: dict, kind: str) -> list[float]:  # per trial
+        return _per_trial(lv, kind, "early_stop_iteration")
 
-    def acc(lv: dict, kind: str) -> float:
-        return _mean(lv, kind, "test_accuracy")
+    def acc(lv: dict, kind: str) -> list[float]:
+        return _per_trial(lv, kind, "test_accuracy")
 
     sparsest = min(compared, key=lambda lv: lv["remaining"]) if compared else None
     least_sparse = max(compared, key=lambda lv: lv["remaining"]) if compared else None
     return {
         "winning tickets with 20-100% of weights left stop early sooner than the original network":
-            every(moderate, lambda lv: stop(lv, "winning") < stop(dense, "winning")),
+            every(moderate, lambda lv: clearly_greater(stop(dense, "winning"), stop(lv, "winning"))),
         "winning tickets with 20-100% of weights left reach higher test accuracy than the original network":
-            every(moderate, lambda lv: acc(lv, "winning") > acc(dense, "winning")),
+            every(moderate, lambda lv: clearly_greater(acc(lv, "winning"), acc(dense, "winning"))),
         "winning tickets beat random re-initialisation of their mask in test accuracy at <= 25% left":
-            every(sparse, lambda lv: acc(lv, "winning") > acc(lv, "reinit")),
+            every(sparse, lambda lv: clearly_greater(acc(lv, "winning"), acc(lv, "reinit"))),
         "winning tickets stop early sooner than random re-initialisation of their mask at <= 25% left":
-            every(sparse, lambda lv: stop(lv, "winning") < stop(lv, "reinit")),
+            every(sparse, lambda lv: clearly_greater(stop(lv, "reinit"), stop(lv, "winning"))),
         "re-initialised tickets lose accuracy with sparsity (sparsest below the original and below the least sparse)":
             None if sparsest is None or sparsest is least_sparse else bool(
-                acc(sparsest, "reinit") < acc(dense, "winning") and acc(sparsest, "reinit") < acc(least_sparse, "reinit")),
+                clearly_greater(acc(dense, "winning"), acc(sparsest, "reinit"))
+                and clearly_greater(acc(least_sparse, "reinit"), acc(sparsest, "reinit"))),
         "re-initialised tickets learn slower than the original network at the sparsest level":
-            None if sparsest is None else bool(stop(sparsest, "reinit") > stop(dense, "winning")),
+            None if sparsest is None else clearly_greater(stop(sparsest, "reinit"), stop(dense, "winning")),
     }
 
 
@@ -91,14 +139,22 @@ CLAIM = Claim(
         "winning tickets have (3) higher test accuracy and (4) an earlier early-stop iteration than the same "
         "mask randomly re-initialised from the initial distribution; (5) re-initialised tickets at the "
         "sparsest level are less accurate than the dense network and than re-initialised tickets at the least "
-        "sparse level, and (6) stop early later than the dense network."
+        "sparse level, and (6) stop early later than the dense network. Every comparison is paired by trial and "
+        "must hold beyond the 95% bootstrap interval over trials."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 1803.03635, abstract and §2 (Lenet-300-100 on MNIST: Figure 3, early-stop iteration and test "
+            "accuracy against the percentage of weights remaining; Figure 4, winning tickets against random "
+            "re-initialisation); pruning rates from the authors' code, google-research/lottery-ticket-hypothesis "
+            "mnist_fc/constants.py"),
 )
 
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ()
 SUBSTRATE = ()
+SEED_VARIES = ("the train / validation / test split of the digits, every trial's initialisation θ_0 and batch "
+               "order, and the draws of the random re-initialisation controls")
 
 SCALES = {
     "smoke": {"hidden": [32, 16], "trials": 1, "rounds": 2, "reinit_rounds": [1, 2], "iterations": 60,
@@ -241,6 +297,7 @@ def run(ctx: RunContext) -> Outcome:
     metrics = {
         "sizes": {k: len(v[1]) for k, v in data.items()},
         "architecture": [64, *s["hidden"], 10],
+        "iterations": s["iterations"],
         "levels": rows,
         "curves": {"dense": _curve(curves["winning 0"]), "winning": _curve(curves[f"winning {shown}"]),
                    "reinit": _curve(curves[f"reinit {shown}"]), "round": shown},
