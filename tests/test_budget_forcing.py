@@ -1,5 +1,6 @@
 """Budget forcing (2501.19393): forced stops land exactly at the budget, suppression holds, no-op equals greedy."""
 
+import copy
 import math
 from contextlib import contextmanager
 
@@ -9,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from paperzoo.core.reasoning import END_THINK, THINK, reasoner, reasoning_tokenizer
 from paperzoo.decoding import greedy_decode
-from paperzoo.decoding.budget_forcing import budget_force, budget_force_batch, scaling
+from paperzoo.decoding.budget_forcing import budget_force, budget_force_batch, scaling, scaling_weights
 
 PROMPTS = ["Q: 12+34\n<think>", "Q: 5x-3=12\n<think>", "Q: 91-17+40-3\n<think>"]
 
@@ -143,6 +144,10 @@ def test_bad_arguments_raise(smoke):
         budget_force(m, tok, PROMPTS[0], max_thinking_tokens=-1)
     with pytest.raises(ValueError, match="num_extensions"):
         budget_force(m, tok, PROMPTS[0], num_extensions=-2)
+    with pytest.raises(ValueError, match="max_answer_tokens"):
+        budget_force(m, tok, PROMPTS[0], max_answer_tokens=0)
+    with pytest.raises(ValueError, match="prompts"):
+        budget_force_batch(m, tok, PROMPTS[0])  # a string, not a list of prompts
     assert THINK not in PROMPTS[0].replace("<think>", "")  # the prompts end with the opening delimiter only
 
 
@@ -153,14 +158,84 @@ def test_scaling_metric_by_hand():
     assert scaling([(0, 0.5), (10, 0.4)]) < 0
 
 
-def test_predicate_by_hand():
-    from paperzoo.experiments.decoding.budget_forcing import checks
+def test_right_padded_tokenizer_gives_the_same_output(smoke):
+    """load_causal_lm returns right-padding tokenizers; budget forcing pads on the left itself."""
+    right = copy.deepcopy(smoke.tokenizer)
+    right.padding_side = "right"
+    d = smoke.tokenizer.convert_tokens_to_ids(END_THINK)
+    with logit_bias(smoke.model, d, 2.0):  # some rows stop thinking, so extensions are exercised
+        kw = dict(max_thinking_tokens=12, num_extensions=2, max_answer_tokens=4, max_new_tokens=30)
+        left = budget_force_batch(smoke.model, smoke.tokenizer, PROMPTS, **kw)
+        got = budget_force_batch(smoke.model, right, PROMPTS, **kw)
+    assert [g.tokens for g in got] == [g.tokens for g in left]
+    assert right.padding_side == "right"
 
-    rows = [{"kind": "wait", "N": n, "accuracy": a} for n, a in ((0, 0.50), (1, 0.53), (2, 0.55), (3, 0.56), (4, 0.57))]
-    m = {"rows": rows, "control": 1.0, "scaling_cap": 0.01, "scaling_wait": 0.002}
-    assert list(checks(m).values()) == [True, True, True, True]  # +5 then +2 points: flattening
-    rows[4]["accuracy"] = 0.61  # +5 then +6: no flattening
-    m.update(control=0.99, scaling_cap=0.0)
-    assert list(checks(m).values()) == [False, False, True, False]
-    m.update(scaling_wait=-0.001)
-    assert list(checks(m).values())[2:] == [False, None]  # nothing to flatten when extensions do not help
+
+def test_right_padding_on_a_gpt2_with_learned_positions():
+    """Absolute positions: a row padded on the left must still count its positions from its first token."""
+    tok = reasoning_tokenizer()
+    tok.padding_side = "right"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)).eval()
+    gens = budget_force_batch(model, tok, PROMPTS, max_new_tokens=12, max_answer_tokens=1000)
+    for prompt, g in zip(PROMPTS, gens):
+        assert g.tokens == greedy_decode(model, tok, prompt, max_new_tokens=12).tokens
+
+
+def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit(smoke):
+    limit = smoke.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"has {limit}"):
+        budget_force(smoke.model, smoke.tokenizer, "Q: " + "1+" * limit + "1\n<think>", max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        budget_force(smoke.model, smoke.tokenizer, PROMPTS[0], max_new_tokens=limit)
+
+
+def test_scaling_weights_split_scaling_into_per_problem_terms():
+    thinking = [0.0, 3.5, 3.5, 10.0, 24.0]
+    correct = torch.randint(0, 2, (5, 30), generator=torch.Generator().manual_seed(0)).float()  # [budgets, problems]
+    w = torch.tensor(scaling_weights(thinking))
+    per_problem = w @ correct
+    accuracy = correct.mean(1).tolist()
+    assert math.isclose(float(per_problem.mean()), scaling(list(zip(thinking, accuracy))), rel_tol=1e-5)
+    assert scaling_weights([5.0, 5.0]) is None
+    assert scaling_weights([0.0, 10.0]) == [-0.1, 0.1]  # one pair: the slope (f1 - f0) / 10
+
+
+def test_steps_and_rechecks_by_hand():
+    from paperzoo.experiments.decoding.budget_forcing import recheck, steps
+
+    assert steps("37+48=85\n85-19=67\n7x=61-12=49\nx=49/7=7\n") == [
+        ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True)]
+    trace = "37+48=85\n85-19=67\nWait85-19=66\n66+10=76\n"
+    assert recheck(trace) == {"rechecked": True, "wrong": 1, "fixed": 1}
+    assert recheck("37+48=85\n85-19=67\nWait85-19=67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
+    assert recheck("37+48=85\nWait48+1=49\n") == {"rechecked": False, "wrong": 0, "fixed": 0}  # new, not redone
+    assert recheck("37+48=85\n")["rechecked"] is False
+
+
+def test_predicate_by_hand():
+    from paperzoo.experiments.decoding.budget_forcing import checks, preconditions
+
+    n = 40
+    def row(kind, N, thinking, right, cap=128):
+        correct = [1.0] * right + [0.0] * (n - right)
+        return {"kind": kind, "N": N, "cap": cap, "thinking_tokens": thinking, "correct": correct,
+                "accuracy": right / n}
+
+    caps = [row("cap", 0, 0.0, 0, cap=0), row("cap", 0, 8.0, 6, cap=8), row("cap", 0, 30.0, 16, cap=None)]
+    waits = [row("wait", 0, 30.0, 16), row("wait", 1, 34.0, 20), row("wait", 2, 38.0, 24), row("wait", 4, 46.0, 26)]
+    m = {"rows": caps + waits, "control": 1.0,
+         "recheck": {"extended": 100, "rechecked": 30, "wrong": 20, "fixed": 5}}
+    assert list(checks(m).values()) == [True, True, True, True]  # +8 then +2: flattening
+    assert all(preconditions(m).values())
+    waits[2].update(correct=[1.0] * 18 + [0.0] * 22, accuracy=0.45)
+    waits[3].update(correct=[1.0] * 40, accuracy=1.0)  # +2 then +22: the later gain is clearly larger
+    assert list(checks(m).values())[3] is False
+    for w in waits:  # extensions change nothing: no scaling, nothing to flatten
+        w.update(correct=[1.0] * 16 + [0.0] * 24, accuracy=0.4)
+    m["control"] = 0.99
+    assert list(checks(m).values()) == [False, True, False, None]
+    m["recheck"] = {"extended": 100, "rechecked": 2, "wrong": 4, "fixed": 0}
+    assert list(preconditions(m).values()) == [False, None, True]
+    m["recheck"] = {"extended": 100, "rechecked": 50, "wrong": 30, "fixed": 1}
+    assert list(preconditions(m).values())[:2] == [True, False]

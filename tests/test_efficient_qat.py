@@ -225,17 +225,26 @@ def test_predicate_by_hand():
     assert list(preconditions(_nll_metrics(tiny_gaps, 200.0, noise=0.1)).values()) == [False]
 
 
-def test_sequence_scores_agree_with_the_shared_evaluation():
-    from paperzoo.core.evaluation import evaluate
-    from paperzoo.experiments.compression.efficient_qat import _items, sequence_scores
+def test_long_per_sequence_lists_are_kept_as_group_means():
+    from paperzoo.experiments.compression.efficient_qat import _items
 
-    model = tiny("llama")
-    blocks = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(2))
-    ours, reference = sequence_scores(model, blocks, batch_size=4), evaluate(model, blocks, batch_size=4)
-    assert ours["nll"].shape == (10,)
-    assert ours["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
-    assert ours["accuracy"] == reference["accuracy"]
-    # a long per-sequence list is kept as at most 1000 means of 3 consecutive sequences
-    long = torch.arange(2500, dtype=torch.float64)
+    long = torch.arange(2500, dtype=torch.float64)  # at most 1000 items: means of 3 consecutive sequences
     assert len(_items(long)) == 834 and _items(long)[:2] == [1.0, 4.0]
     assert np.mean(_items(long)) == pytest.approx(long.mean().item(), rel=1e-3)
+    assert _items(torch.tensor([1.234567, 2.0])) == [1.2346, 2.0]
+
+
+def test_calibration_may_be_a_tokenizer_batch():
+    from transformers import BatchEncoding
+
+    model = tiny("llama")
+    config = BlockAPConfig(epochs=1, batch_size=4)
+    plain, _ = block_ap(model, IDS, 2, 16, config, use_bf16=False)
+    batch = BatchEncoding({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)})
+    mapped, _ = block_ap(model, batch, 2, 16, config, use_bf16=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), mapped.state_dict().values()))
+    padded = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS).index_fill(1, torch.tensor([15]), 0)}
+    with pytest.raises(ValueError, match="must not be padded"):
+        block_ap(model, padded, 2, 16, config)
+    with pytest.raises(ValueError, match="embedding rows 0 .. 63"):  # ids beyond the model's 64 embedding rows
+        block_ap(model, IDS + 60, 2, 16, config)

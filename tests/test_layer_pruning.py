@@ -1,4 +1,5 @@
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -127,3 +128,147 @@ def test_heal_lowers_training_loss_and_returns_a_plain_model():
     assert not any("lora" in n for n, _ in healed.named_parameters())
     # a random 32-d head caps how far logits can move; the drop from ~4.16 is still clear
     assert healed(input_ids=data, labels=data).loss.item() < before - 0.1
+
+
+def tiny_opt(layers: int = 6):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=layers,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_prune_takes_a_tokenizers_batch_encoding(arch):
+    from transformers import BatchEncoding
+
+    model = tiny_opt() if arch == "opt" else tiny(arch)
+    mask = torch.ones_like(IDS)
+    mask[1, 9:] = 0
+    batch = BatchEncoding({"input_ids": IDS, "attention_mask": mask})
+    assert torch.equal(angular_distances(model, [batch]), angular_distances(model, [{"input_ids": IDS, "attention_mask": mask}]))
+    result = prune(model, [batch], n=2)
+    assert len(decoder_layers(result.model)[1]) == 4 and result.report["layers_after"] == 4
+    with pytest.raises(ValueError, match="iterable of batches"):
+        prune(model, batch, n=2)  # one batch, not a list of batches
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_prune_checks_n_before_any_work(arch):
+    model = tiny_opt() if arch == "opt" else tiny(arch)
+    for n in (0, -1, 6, 7, 1.5, "2", True, None):
+        with pytest.raises(ValueError, match=r"n \(layers to remove\) must be an integer from 1 to 5 .*got"):
+            prune(model, [IDS], n=n)
+    assert prune(model, [IDS], n=5).report["layers_after"] == 1
+    assert prune(model, [IDS], n=__import__("numpy").int64(1)).report["layers_after"] == 5
+    with pytest.raises(ValueError):
+        deepest_block(6, 6)
+    with pytest.raises(ValueError):
+        drop_layers(model, 0, 6)  # every layer
+
+
+def test_a_one_layer_model_and_a_too_small_vocabulary_are_refused_clearly():
+    with pytest.raises(ValueError, match="at least 2 decoder layers; this one has 1"):
+        prune(tiny_opt(layers=1), [IDS], n=1)
+    with pytest.raises(ValueError, match="token id 64.*vocabulary is larger than the model's"):
+        prune(tiny("gpt2"), [torch.full((2, 5), 64)], n=1)
+
+
+def test_opt_is_healed_on_its_feed_forward_layers():
+    from paperzoo.compression.layer_pruning import feed_forward_modules
+
+    model = tiny_opt()
+    names = feed_forward_modules(model)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"fc1", "fc2"} and len(names) == 12
+    pruned = drop_layers(model, 2, 3)
+    healed = heal(pruned, IDS, TrainConfig(steps=2, batch_size=2, seq_len=12, lr=1e-3), rank=2)
+    assert type(healed) is type(model) and len(decoder_layers(healed)[1]) == 3
+    a = healed.generate(IDS[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True)
+    b = healed.generate(IDS[:1, :4], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_experiment_runs_on_opt_and_refuses_what_it_cannot_prune(smoke_lm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from paperzoo.core.experiment import ExperimentError, run_experiment
+
+    V = len(smoke_lm.tokenizer)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_hidden_layers=4, num_attention_heads=4,
+                                   max_position_embeddings=128, word_embed_proj_dim=32))
+    record = run_experiment("layer-pruning", "smoke", model=_save(opt, smoke_lm.tokenizer, tmp_path / "opt"),
+                            out=tmp_path / "results")
+    assert record["metrics"]["num_layers"] == 4 and set(record["checks"].values()) <= {True, False, None}
+    one = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=128))
+    with pytest.raises(ExperimentError, match="at least 3 decoder layers.*has 1"):
+        run_experiment("layer-pruning", "smoke", model=_save(one, smoke_lm.tokenizer, tmp_path / "one"), out=tmp_path)
+    small_vocab = GPT2LMHeadModel(GPT2Config(vocab_size=V // 4, n_embd=16, n_layer=4, n_head=2, n_positions=128))
+    with pytest.raises(ExperimentError, match="vocabulary is smaller than the tokenizer's"):
+        run_experiment("layer-pruning", "smoke", model=_save(small_vocab, smoke_lm.tokenizer, tmp_path / "v"),
+                       out=tmp_path)
+
+
+def test_sharpness_by_hand():
+    from paperzoo.experiments.compression.layer_pruning import sharpness
+
+    straight = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])  # n = 0..3, two sequences
+    S, items = sharpness([0, 1, 2, 3], straight)
+    assert S == pytest.approx(1.0) and np.allclose(items, 0.0)
+    jump = np.array([[1.0], [1.0], [1.0], [4.0]])  # the whole rise in the last step: S = number of steps
+    S, items = sharpness([0, 1, 2, 3], jump)
+    assert S == pytest.approx(3.0) and items.mean() == pytest.approx((S - 1) / 3)
+    uneven = np.array([[1.0], [2.0], [7.0]])  # n = 0, 1, 6: slopes 1 and 1, a straight line
+    assert sharpness([0, 1, 6], uneven)[0] == pytest.approx(1.0)
+    assert sharpness([0, 1, 2], np.array([[2.0], [1.5], [1.0]]))[0] == 1.0  # falling: nothing sharp
+
+
+def _rows(n_values, angular, deepest, randoms, healed_angular, healed_deepest, deepest_start=None):
+    """Experiment rows whose every sequence has the given loss (+ a little per-sequence noise)."""
+    rng = np.random.default_rng(0)
+
+    def seq(x):
+        return list(x + 0.01 * rng.standard_normal(30))
+
+    rows = []
+    for i, n in enumerate(n_values):
+        rows.append({"n": n, "method": "angular", "start": 1, "pruned_sequence_loss": seq(angular[i]),
+                     "healed_sequence_loss": seq(healed_angular[i])})
+        rows.append({"n": n, "method": "deepest", "start": 1 if deepest_start is None else deepest_start,
+                     "pruned_sequence_loss": seq(deepest[i]), "healed_sequence_loss": seq(healed_deepest[i])})
+        rows += [{"n": n, "method": "random", "start": 0, "pruned_sequence_loss": seq(r)} for r in randoms[i]]
+    return rows
+
+
+def _metrics(**kw):
+    rng = np.random.default_rng(1)
+    defaults = dict(n_values=[1, 2, 3], angular=[3.1, 3.2, 6.0], deepest=[3.5, 3.8, 6.5], randoms=[[3.6], [4.0], [6.2]],
+                    healed_angular=[3.05, 3.1, 3.15], healed_deepest=[3.1, 3.15, 3.2], deepest_start=4)
+    defaults.update(kw)
+    return {"blocks": _rows(**defaults), "unpruned_sequence_loss": list(3.0 + 0.01 * rng.standard_normal(30)),
+            "unpruned_healed_sequence_loss": list(3.0 + 0.01 * rng.standard_normal(30)), "uniform_loss": 6.9}
+
+
+def test_predicate_and_preconditions_by_hand():
+    from paperzoo.experiments.compression.layer_pruning import checks, preconditions
+
+    m = _metrics()  # the paper's world: a jump without healing, a gentle slope with it; healing closes the gap
+    assert all(preconditions(m).values()) and list(checks(m).values()) == [True, True, True]
+    # random blocks as good as the angular one; both curves straight lines; healing leaves the gap as it was
+    m = _metrics(randoms=[[3.1], [3.2], [6.0]], angular=[4.0, 5.0, 6.0], healed_angular=[3.5, 4.0, 4.5],
+                 deepest=[4.5, 5.5, 6.5], healed_deepest=[4.0, 4.5, 5.0])
+    assert list(checks(m).values()) == [False, False, False]
+    # the same blocks at every n: the heuristic is as good by construction
+    assert list(checks(_metrics(deepest_start=None, deepest=[3.1, 3.2, 6.0],
+                                healed_deepest=[3.05, 3.1, 3.15])).values())[2] is True
+    # healing that does not lower the loss, and a recipe that hurts the unpruned model
+    m = _metrics(healed_angular=[3.1, 3.2, 6.0])
+    assert list(preconditions(m).values())[2] is False
+    m = _metrics()
+    m["unpruned_healed_sequence_loss"] = [x + 0.5 for x in m["unpruned_sequence_loss"]]
+    assert list(preconditions(m).values())[3] is False

@@ -21,6 +21,8 @@ from paperzoo.decoding.mind_evolution import (
 from paperzoo.experiments.decoding.mind_evolution import (
     check_linear_solution,
     checks,
+    choose_budget,
+    preconditions,
     render_linear,
 )
 
@@ -212,11 +214,55 @@ def test_linear_checker_by_hand():
     assert render_linear(q, []) == q.prompt
 
 
+def _solved(rate, n=60):
+    k = round(rate * n)
+    return [1.0] * k + [0.0] * (n - k)
+
+
 def test_checks_by_hand():
-    m = {"success": {"best-of-n": 0.50, "sequential-revision": 0.70, "mind-evolution": 0.70}}
-    assert all(checks(m).values())
-    m["success"]["mind-evolution"] = 0.59
+    m = {"solved_per_problem": {"best-of-n": _solved(0.40), "sequential-revision": _solved(0.50),
+                                "mind-evolution": _solved(0.80)}}
+    assert all(v is True for v in checks(m).values())
+    m = {"solved_per_problem": {"best-of-n": _solved(0.40, 200), "sequential-revision": _solved(0.45, 200),
+                                "mind-evolution": _solved(0.45, 200)}}
+    assert list(checks(m).values()) == [False, None]  # 5 points above best-of-N: clearly short of the 10
+    m["solved_per_problem"]["mind-evolution"] = _solved(0.30, 200)
     assert list(checks(m).values()) == [False, False]
-    m["success"]["best-of-n"] = 0.49
-    m["success"]["sequential-revision"] = 0.58
-    assert list(checks(m).values()) == [True, True]
+    # a real difference of 10 points that the interval cannot resolve on few problems: undecided
+    few = {"solved_per_problem": {"best-of-n": _solved(0.4, 10), "sequential-revision": _solved(0.4, 10),
+                                  "mind-evolution": _solved(0.5, 10)}}
+    assert list(checks(few).values()) == [None, None]
+
+
+def test_budget_is_chosen_from_the_baseline_curve():
+    curve = [0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.8]  # best-of-N success within k = 1..8
+    assert choose_budget(curve, [2, 4, 6, 8], ceiling=0.6) == 6  # the largest budget at or below the ceiling
+    assert choose_budget(curve, [2, 4, 6, 8], ceiling=0.9) == 8
+    assert choose_budget(curve, [7, 8], ceiling=0.6) == 7  # above the ceiling everywhere: the smallest
+    with pytest.raises(ValueError):
+        choose_budget(curve, [9], ceiling=0.6)
+
+
+def test_preconditions_by_hand():
+    m = {"budget": 8, "solved_per_problem": {"best-of-n": _solved(0.6)},
+         "calibration": {"solved_at_largest_budget": _solved(0.8, 30)}}
+    assert all(v is True for v in preconditions(m).values())
+    m["solved_per_problem"]["best-of-n"] = _solved(0.96)  # the earlier ceiling artefact
+    assert list(preconditions(m).values()) == [False, True]
+    m["calibration"]["solved_at_largest_budget"] = _solved(0.0, 30)
+    assert list(preconditions(m).values())[1] is False
+
+
+def test_searches_name_bad_arguments():
+    with pytest.raises(ValueError, match="n must"):
+        best_of_n("t", lambda p, n: ["1"] * n, evaluate_number, render_number, 2.5)
+    with pytest.raises(ValueError, match="threads"):
+        sequential_revision("t", lambda p, n: ["1"] * n, evaluate_number, render_number, 4, threads=0)
+    with pytest.raises(ValueError, match="config"):
+        mind_evolution("t", lambda p, n: ["1"] * n, evaluate_number, render_number, {"n_gens": 2})
+    with pytest.raises(ValueError, match="evaluate"):
+        best_of_n("t", lambda p, n: ["1"] * n, None, render_number, 2)
+    with pytest.raises(ValueError, match="n_emigrate"):
+        migrate([[cand("a", 1.0)], [cand("b", 2.0)]], -1)
+    with pytest.raises(ValueError, match="n_gens"):
+        MindEvolutionConfig(n_gens=2.5)

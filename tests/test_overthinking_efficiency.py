@@ -8,6 +8,7 @@ from paperzoo.core.reasoning import problems
 from paperzoo.core.sampling import completion_logprobs
 from paperzoo.decoding.overthinking_efficiency import (
     SolutionRounds,
+    length_preference_pair,
     outcome_efficiency,
     process_efficiency,
     rounds_of,
@@ -18,6 +19,7 @@ from paperzoo.decoding.overthinking_efficiency import (
 )
 from paperzoo.experiments.decoding.overthinking_efficiency import (
     checks,
+    preconditions,
     overthinking_text,
     round_is_correct,
     scratchpad_key,
@@ -38,7 +40,7 @@ def test_split_rounds_is_lossless_and_splits_at_line_starts():
 def test_efficiencies_by_hand():
     # Response A: rounds of 10, 20, 30 tokens; first correct in round 2 -> T_hat = 30 of 60; rounds 1,2 distinct.
     a = SolutionRounds((10, 20, 30), (False, True, True), (True, True, False), True)
-    # Response B: wrong final answer -> sigma = 0; single distinct round of 40.
+    # Response B: no correct round -> sigma = 0; single distinct round of 40.
     b = SolutionRounds((40,), (False,), (True,), False)
     assert outcome_efficiency([a]) == pytest.approx(0.5)
     assert outcome_efficiency([a, b]) == pytest.approx(0.25)
@@ -46,6 +48,10 @@ def test_efficiencies_by_hand():
     assert process_efficiency([a, b]) == pytest.approx(0.75)
     one = SolutionRounds((7,), (True,), (True,), True)
     assert outcome_efficiency([one]) == 1.0 and process_efficiency([one]) == 1.0
+    # sigma = "at least one solution in the response is correct" (paper, 2.2), not the final answer:
+    # right in round 1 (10 of 40 tokens), talked out of it later, final answer wrong -> 10/40, not 0
+    revised = SolutionRounds((10, 30), (True, False), (True, True), False)
+    assert outcome_efficiency([revised]) == pytest.approx(0.25)
 
 
 def test_bad_rounds_raise():
@@ -75,16 +81,35 @@ def test_overthinking_trace_metrics_on_a_real_problem():
     assert process_efficiency([resp]) == pytest.approx(len(rounds[0]) / len(thinking))
 
 
-def test_streamline_keeps_first_correct_plus_reflections():
-    resp = "x=3\nWait, check:\nx=4\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
+def test_streamline_keeps_up_to_the_second_correct_solution():
+    resp = "x=3\nWait, check:\nx=4\nWait, check:\nx=5\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
     ok = lambda t: t.strip().endswith("=4")
-    assert streamline(resp, ok, "</think>", reflections=0) == "x=3\nWait, check:\nx=4\n</think>Answer: 4"
-    assert streamline(resp, ok, "</think>", reflections=1) == \
-        "x=3\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
+    # FCS: up to the first round that reaches the answer
+    assert streamline(resp, ok, "</think>", correct_solutions=1) == "x=3\nWait, check:\nx=4\n</think>Answer: 4"
+    # FCS + Reflection: up to the *second* round that reaches it (a wrong round in between is kept)
+    assert streamline(resp, ok, "</think>") == \
+        "x=3\nWait, check:\nx=4\nWait, check:\nx=5\nWait, check:\nx=4\n</think>Answer: 4"
+    # only one correct round: FCS + Reflection is the FCS response
+    single = "x=4\nWait, check:\nx=5\n</think>Answer: 4"
+    assert streamline(single, ok, "</think>") == "x=4\n</think>Answer: 4"
     assert streamline(resp, lambda t: False, "</think>") is None
     assert streamline("no delimiter", ok, "</think>") is None
-    with pytest.raises(ValueError):
-        streamline(resp, ok, "</think>", reflections=-1)
+    with pytest.raises(ValueError, match="correct_solutions"):
+        streamline(resp, ok, "</think>", correct_solutions=0)
+
+
+def test_length_preference_pair_is_the_shortest_streamlined_against_the_longest():
+    ok_round = lambda t: t.strip().endswith("=4")
+    ok = lambda t: t.endswith("Answer: 4")
+    r1 = "x=4\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"  # FCS+R: 2 rounds
+    r2 = "x=2\nWait, check:\nx=4\nWait, check:\nx=4\nWait, check:\nx=4\nWait, check:\nx=4\n</think>Answer: 4"
+    wrong = "x=4\n" + "Wait, check:\nx=9\n" * 9 + "</think>Answer: 9"  # longest, but discarded: wrong answer
+    chosen, rejected = length_preference_pair([r2, wrong, r1], ok, ok_round, "</think>", len)
+    assert chosen == "x=4\nWait, check:\nx=4\n</think>Answer: 4"  # the shortest streamlined, from r1
+    assert rejected == r2  # the longest correct sample
+    assert length_preference_pair([wrong], ok, ok_round, "</think>", len) is None
+    one_round = "x=4\n</think>Answer: 4"  # nothing to streamline away
+    assert length_preference_pair([one_round], ok, ok_round, "</think>", len) is None
 
 
 def test_simpo_loss_by_hand():
@@ -127,13 +152,41 @@ def test_simpo_steps_raise_the_preferred_short_response():
     assert margin() > before
 
 
+def _arm(tokens, correct, rounds=4.0, outcome=0.25, n=40):
+    spread = [0.0, 1.0] * (n // 2)
+    return {"tokens": [tokens + 2 * d for d in spread], "correct": [1.0] * round(correct * n) + [0.0] * (n - round(correct * n)),
+            "rounds": [rounds] * n, "outcome": [outcome + 0.01 * d for d in spread]}
+
+
+def _metrics(before_tokens=100, after_tokens=60, acc_base=0.5, acc_before=0.5, acc_after=0.5, acc_control=0.5,
+             rounds=4.0, outcome_after=0.5, pairs=40):
+    return {"min_pairs": 32, "pairs": pairs, "per_problem": {
+        "original reasoner": _arm(40, acc_base, rounds=1.0, outcome=1.0),
+        "overthinking": _arm(before_tokens, acc_before, rounds),
+        "SimPO control": _arm(before_tokens, acc_control, rounds),
+        "after SimPO": _arm(after_tokens, acc_after, 2.0, outcome_after)}}
+
+
 def test_checks_by_hand():
-    def m(before_tokens, after_tokens, acc_before, acc_after, rounds=4.0):
-        e = lambda t, a, r, oe: {"mean_tokens": t, "accuracy": a, "mean_rounds": r, "outcome_efficiency": oe}
-        return {"eval": {"overthinking": e(before_tokens, acc_before, rounds, 0.2),
-                         "after SimPO": e(after_tokens, acc_after, 2.0, 0.5)}}
-    assert all(checks(m(100, 60, 0.40, 0.39)).values())
-    c = checks(m(100, 75, 0.40, 0.35))
-    assert c["generated tokens fall by at least 30% after FCS+Reflection SimPO"] is False
-    assert c["accuracy is maintained (at most 3 points lower)"] is False
-    assert all(v is None for v in checks(m(100, 60, 0.4, 0.4, rounds=1.2)).values())
+    assert all(v is True for v in checks(_metrics()).values())
+    c = list(checks(_metrics(after_tokens=75, acc_after=0.3)).values())
+    assert c[0] is False and c[1] is False  # 25% fewer tokens; accuracy 20 points lower
+    c = list(checks(_metrics(after_tokens=60, acc_after=0.45, outcome_after=0.25)).values())
+    assert c[1] is None and c[2] is None  # a 5-point drop on 40 problems: undecided; no change in efficiency
+
+
+def test_preconditions_by_hand():
+    assert all(v is True for v in preconditions(_metrics()).values())
+    assert list(preconditions(_metrics(acc_before=0.2)).values())[0] is False  # the overthinker lost the skill
+    assert list(preconditions(_metrics(rounds=1.2)).values())[1] is False  # no overthinking to remove
+    assert list(preconditions(_metrics(acc_control=0.05)).values())[2] is False  # SimPO itself breaks the model
+    assert list(preconditions(_metrics(pairs=3)).values())[3] is False
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="beta"):
+        simpo_loss(torch.tensor([-1.0]), torch.tensor([1]), torch.tensor([-1.0]), torch.tensor([1]), beta=0.0)
+    with pytest.raises(ValueError, match="responses"):
+        outcome_efficiency([])
+    with pytest.raises(ValueError, match="prompts, chosen and rejected"):
+        simpo_step(tiny("llama"), None, [[1]], [[2]], [], pad_id=0)

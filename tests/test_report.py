@@ -22,10 +22,31 @@ def report_dir(smoke_lm, tmp_path_factory):
 
 def test_report_files(report_dir):
     index = (report_dir / "index.html").read_text()
-    assert index.count("<tr>") >= 151 and 'href="layer-pruning.html"' in index
+    assert index.count("<tr data-family") >= 151 and 'href="layer-pruning.html"' in index
     assert (report_dir / "layer-pruning.png").exists()
     page = (report_dir / "layer-pruning.html").read_text()
     assert "<h3>blocks</h3>" in page and page.count('<td>angular</td>') == 2  # per-block rows as a table
+
+
+def test_report_is_written_fresh_and_never_over_a_foreign_folder(report_dir, tmp_path):
+    from paperzoo.report import ReportError
+
+    out = tmp_path / "site"
+    build_report(out, tmp_path / "no-results-here")
+    (out / "stale-page.html").write_text("old")
+    build_report(out, tmp_path / "no-results-here")
+    assert not (out / "stale-page.html").exists() and (out / "index.html").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ReportError, match="holds no paperzoo report"):
+        build_report(foreign, tmp_path / "no-results-here")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_smoke_pages_say_they_are_not_a_verdict(report_dir):
+    page = (report_dir / "layer-pruning.html").read_text()
+    assert "they are not a verdict" in page and "model measured:" in page
 
 
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="chromium not installed (.ci/run installs it)")
@@ -46,4 +67,12 @@ def test_report_renders_in_chromium(report_dir):
         assert "Predicate measured here" in page.content()
         width = page.eval_on_selector("img.plot", "img => img.complete ? img.naturalWidth : 0")
         assert width > 200
+        # A phone: nothing overflows the viewport, and the reader can filter by family and status.
+        phone = browser.new_page(viewport={"width": 420, "height": 800})
+        phone.goto((report_dir / "index.html").as_uri())
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 420
+        phone.select_option("#family", "compression")
+        visible = phone.locator("#catalogue tbody tr:not([hidden])")
+        assert 0 < visible.count() < 150
+        assert all(f == "compression" for f in visible.evaluate_all("rows => rows.map(r => r.dataset.family)"))
         browser.close()

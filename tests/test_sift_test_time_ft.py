@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, tiny
 
 import paperzoo.decoding.sift_test_time_ft as sift
-from paperzoo.experiments.decoding.sift_test_time_ft import checks
+from paperzoo.experiments.decoding.sift_test_time_ft import checks, preconditions
 
 
 def test_posterior_variance_by_hand():
@@ -117,11 +117,67 @@ def test_finetune_rejects_bad_input():
         sift.test_time_finetune(model, [], torch.arange(4), lr=-1.0)
 
 
-def test_checks_predicate_by_hand():
-    m = {"final": {"duplicated": {"sift": 0.10, "nn": 0.05}, "clean": {"sift": 0.08, "nn": 0.08}},
-         "redundant_share": {"duplicated": {"sift": 0.0, "nn": 0.5}}}
-    assert all(checks(m).values())
-    m["final"]["clean"]["sift"] = 0.07
-    assert list(checks(m).values()) == [True, False, True]
-    m["redundant_share"]["duplicated"]["sift"] = 0.1
+def _metrics(dup_sift, dup_nn, clean_sift, clean_nn, oracle=0.05, nn_redundant=0.5):
+    spread = [0.0, 0.002, -0.002, 0.001] * 5  # 20 prompts
+    arm = lambda v: [v + d for d in spread]
+    return {"lr": 1e-3, "oracle_per_prompt": arm(oracle),
+            "final_per_prompt": {"duplicated": {"sift": arm(dup_sift), "nn": arm(dup_nn)},
+                                 "clean": {"sift": arm(clean_sift), "nn": arm(clean_nn)}},
+            "redundant_share": {"duplicated": {"sift": 0.0, "nn": nn_redundant}}}
+
+
+def test_checks_and_precondition_by_hand():
+    m = _metrics(0.10, 0.05, 0.08, 0.06)
+    assert all(v is True for v in checks(m).values())
+    assert all(v is True for v in preconditions(m).values())
+    m = _metrics(0.10, 0.05, 0.07, 0.08)
+    assert list(checks(m).values()) == [True, False, True]  # clearly below NN on the clean pool
+    m = _metrics(0.10, 0.05, 0.08, 0.08)
+    assert list(checks(m).values())[1] is None  # equal within noise: undecided, not passed
+    m = _metrics(0.10, 0.05, 0.08, 0.06, nn_redundant=0.1)
     assert list(checks(m).values())[2] is False
+    assert list(preconditions(_metrics(0.1, 0.05, 0.08, 0.06, oracle=-0.01)).values()) == [False]
+
+
+def test_learning_rate_is_chosen_on_the_oracle_control():
+    from paperzoo.experiments.decoding.sift_test_time_ft import choose_learning_rate, oracle_reduction
+
+    class Tok:
+        def decode(self, ids):
+            return "x" * len(ids)
+
+    model = tiny("llama")
+    targets = torch.randint(0, 64, (2, 12))
+    lr, gains = choose_learning_rate(model, Tok(), targets, 3, [1e-6, 1e-2])
+    assert lr == 1e-2 and gains["0.01"] > gains["1e-06"] > -1e-3
+    assert oracle_reduction(model, Tok(), targets[0], 3, 1e-2) == pytest.approx(gains["0.01"], rel=0.5)
+
+
+def test_public_functions_name_the_bad_argument():
+    model = tiny("llama")  # 64 positions
+    with pytest.raises(ValueError, match="positions"):
+        sift.sequence_nll(model, torch.randint(0, 64, (65,)))
+    with pytest.raises(ValueError, match="positions"):
+        sift.test_time_finetune(model, [torch.arange(70) % 64], torch.arange(4), lr=1e-3)
+    with pytest.raises(ValueError, match="batch_size"):
+        sift.embed(model, torch.randint(0, 64, (2, 5)), batch_size=0)
+    with pytest.raises(ValueError, match="lam"):
+        sift.sift_select(torch.eye(3)[0], torch.eye(3), 2, lam=float("nan"))
+    with pytest.raises(ValueError, match="k must"):
+        sift.nearest_neighbours(torch.eye(3)[0], torch.eye(3), 1.5)
+    with pytest.raises(ValueError, match="phi_X"):
+        sift.posterior_variance(torch.eye(3)[0], torch.eye(2), 1.0)
+    with pytest.raises(ValueError, match="lr"):
+        sift.test_time_finetune(model, [], torch.arange(4), lr=float("inf"))
+
+
+def test_sift_decode_checks_arguments_before_work():
+    from paperzoo.core.reasoning import reasoning_tokenizer
+
+    model, tok = tiny("llama"), reasoning_tokenizer()
+    with pytest.raises(ValueError, match="k must"):
+        sift.sift_decode(model, tok, "12", ["34", "56"], k=0)
+    with pytest.raises(ValueError, match="pool"):
+        sift.sift_decode(model, tok, "12", [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sift.sift_decode(model, tok, "12", ["34"], max_new_tokens=100)  # 2 + 100 > 64 positions

@@ -1,5 +1,6 @@
 """The small-LM survey's measurement: exact sizes, KV-cache bytes, allocator peaks, greedy decoding, the predicate."""
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny
@@ -12,7 +13,7 @@ from paperzoo.compression.small_lm_survey import (
     peak_allocated_bytes,
     weight_bytes,
 )
-from paperzoo.experiments.compression.small_lm_survey import checks, layers_for_budget
+from paperzoo.experiments.compression.small_lm_survey import AA_KEY, checks, layers_for_budget, preconditions
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "ffn_ratio": 3.0, "vocab_size": 96,
         "max_seq_len": 64}
@@ -94,10 +95,19 @@ def test_bad_input_is_a_value_error():
     model = SLMArchitecture(**TINY).build()
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         measure_inference(model, 1, 60, 5)
-    with pytest.raises(ValueError, match=">= 1"):
-        measure_inference(model, 0, 4, 4)
+    for name, args, kwargs in (("batch", (0, 4, 4), {}), ("prompt_len", (1, 1.5, 4), {}), ("new_tokens", (1, 4, -1), {}),
+                               ("repeats", (1, 4, 4), {"repeats": 0}), ("warmup", (1, 4, 4), {"warmup": -1}),
+                               ("threads", (1, 4, 4), {"threads": 0}), ("batch", (True, 4, 4), {})):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= "):
+            measure_inference(model, *args, **kwargs)
     with pytest.raises(ValueError, match="cannot read"):
         kv_cache_bytes(object())
+    with pytest.raises(ValueError, match="run must be callable"):
+        peak_allocated_bytes(None)
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 1"):
+        SLMArchitecture(**{**TINY, "num_layers": 2.5})
+    with pytest.raises(ValueError, match="ffn_ratio must be a finite number > 0"):
+        SLMArchitecture(**{**TINY, "ffn_ratio": float("nan")})
 
 
 def test_layers_for_budget_is_the_fewest_layers_reaching_the_budget():
@@ -111,20 +121,52 @@ def test_layers_for_budget_is_the_fewest_layers_reaching_the_budget():
 
 
 def _row(sweep, attention="MHA", vocab=8192, hidden=256, decode=10.0, peak=50.0, kv=4.0):
-    return {"sweep": sweep, "attention": attention, "vocab_size": vocab, "hidden_size": hidden,
-            "decode_ms_per_token": decode, "peak_memory_mb": peak, "kv_cache_mb": kv}
+    return {"sweep": sweep, "variant": f"{attention} {vocab} {hidden}", "attention": attention, "vocab_size": vocab,
+            "hidden_size": hidden, "decode_ms_per_token": decode, "peak_memory_mb": peak, "kv_cache_mb": kv}
 
 
-def test_predicate_by_hand():
-    rows = [_row("attention", "MHA", decode=10.0, peak=50.0, kv=4.0), _row("attention", "GQA", decode=9.0, peak=47.0, kv=1.0),
+def _metrics(rows, noise=0.0, rounds=8, aa=1.0):
+    """Per-round decode times around each row's value; every round scales all variants alike (shared load)."""
+    rng = np.random.default_rng(0)
+    load = np.exp(rng.normal(0.0, 0.3, rounds))  # busy and idle rounds: cancels in a within-round ratio
+
+    def times(ms):
+        return list(ms * load * np.exp(rng.normal(0.0, noise, rounds)))
+
+    per_round = {f"{r['sweep']}: {r['variant']}": times(r["decode_ms_per_token"]) for r in rows}
+    base = rows[0]
+    per_round[AA_KEY] = times(base["decode_ms_per_token"] * aa)
+    return {"variants": rows, "per_round_decode_ms": per_round, "base_variant": f"{base['sweep']}: {base['variant']}",
+            "threads": 1}
+
+
+def _rows():
+    return [_row("attention", "MHA", decode=10.0, peak=50.0, kv=4.0), _row("attention", "GQA", decode=9.0, peak=47.0, kv=1.0),
             _row("attention", "MQA", decode=9.5, peak=46.5, kv=0.5),
             _row("vocabulary", vocab=32768, decode=20.0, peak=90.0), _row("vocabulary", vocab=2048, decode=8.0, peak=35.0),
             _row("vocabulary", vocab=8192, decode=10.0, peak=50.0),
             _row("depth_width", hidden=384, decode=6.0), _row("depth_width", hidden=128, decode=15.0),
             _row("depth_width", hidden=256, decode=10.0)]
-    assert list(checks({"variants": rows}).values()) == [True, True, True, True]
-    rows[1]["decode_ms_per_token"] = 10.0  # GQA no faster than MHA: strict comparison fails
+
+
+def test_predicate_by_hand():
+    rows = _rows()
+    assert list(checks(_metrics(rows)).values()) == [True, True, True, True]
+    assert list(checks(_metrics(rows, noise=0.02)).values()) == [True, True, True, True]
+    rows[1]["decode_ms_per_token"] = 10.0  # GQA no faster than MHA: fails
     rows[2]["kv_cache_mb"] = 1.0  # MQA's cache not below GQA's
     rows[5]["decode_ms_per_token"] = 25.0  # 8k vocab slower than 32k: not increasing
     rows[7]["decode_ms_per_token"] = 5.0  # the narrow model faster than the wide one
-    assert list(checks({"variants": rows}).values()) == [False, False, False, False]
+    assert list(checks(_metrics(rows)).values()) == [False, False, False, False]
+    # GQA faster on average (8.9 vs 10 ms) but slower in two of five rounds: not beyond the spread over rounds
+    m = _metrics(_rows(), rounds=5)
+    m["per_round_decode_ms"]["attention: MHA 8192 256"] = [10.0] * 5
+    m["per_round_decode_ms"]["attention: GQA 8192 256"] = [7.0, 7.5, 11.0, 7.0, 12.0]
+    assert list(checks(m).values())[1] is False
+
+
+def test_preconditions_by_hand():
+    assert list(preconditions(_metrics(_rows(), noise=0.02)).values()) == [True, True]
+    assert list(preconditions(_metrics(_rows(), noise=0.02, aa=1.3)).values()) == [True, False]  # copies disagree
+    assert list(preconditions(_metrics(_rows(), noise=0.5)).values())[1] is False  # too noisy to tell
+    assert list(preconditions({**_metrics(_rows()), "threads": 2}).values())[0] is False

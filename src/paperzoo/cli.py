@@ -149,7 +149,7 @@ def describe_run(record: dict) -> str:
 
 @app.command()
 def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id (or URL) or slug."),
-         out: Optional[Path] = typer.Option(None, help="Results directory to read (default: yours, then the shipped ones)."),
+         out: Optional[str] = typer.Option(None, help="Results directory to read (default: yours, then the shipped ones)."),
          as_json: bool = typer.Option(False, "--json", help="The paper, its claim and its shown record as JSON.")):
     """A paper's facts, claim, code locations and last verdict."""
     from dataclasses import asdict
@@ -244,7 +244,7 @@ def run(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, each its own record, then an aggregate verdict."),
     model: Optional[str] = typer.Option(None, help="A HF causal LM: local directory or hub name (experiments that take one)."),
     corpus: Optional[str] = typer.Option(None, help="A UTF-8 text file, or hf:NAME[:CONFIG]; default: the embedded corpus."),
-    out: Optional[Path] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
+    out: Optional[str] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a model's own code to run when loading it."),
     force: bool = typer.Option(False, help="Run a scale this machine looks too small for."),
 ):
@@ -259,7 +259,7 @@ def run(
     try:
         from paperzoo.core.results import check_writable
 
-        plan(paper_id, scale, model, corpus, str(out) if out is not None else None)
+        plan(paper_id, scale, model, corpus, out)
         check_writable(store.home())  # caches live there even when --out points elsewhere
         check_machine(scale, force)
 
@@ -270,7 +270,7 @@ def run(
             print_checks(record)
             console.print(f"record: {record['_path']}\nplot:   {Path(record['_path']).with_suffix('.png')}")
 
-        _, aggregate = run_seeds(paper_id, scale, seed_list, model, corpus, str(out) if out is not None else None,
+        _, aggregate = run_seeds(paper_id, scale, seed_list, model, corpus, out,
                                  trust_remote_code, on_record=report_seed)
     except user_errors() as e:
         fail(first_line(e))
@@ -290,7 +290,7 @@ def sweep(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     address: Optional[str] = typer.Option(None, help="A running Ray cluster's address (default: a local Ray on every core)."),
     cpus: Optional[int] = typer.Option(None, help="Local cores to use (default: all)."),
-    out: Optional[Path] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
+    out: Optional[str] = typer.Option(None, help="Results directory (default: $PAPERZOO_HOME/results)."),
     force: bool = typer.Option(False, help="Run a scale this machine looks too small for."),
 ):
     """Run every (paper, seed) as a Ray task; resumes a killed sweep; writes one aggregate verdict per paper."""
@@ -316,7 +316,7 @@ def sweep(
         check_machine(scale, force)
         from paperzoo.core.sweep import sweep as run_sweep
 
-        summary = run_sweep(slugs, scale, seed_list, str(out) if out is not None else None, address, cpus)
+        summary = run_sweep(slugs, scale, seed_list, out, address, cpus)
     except user_errors() as e:
         fail(first_line(e))
     except ImportError as e:
@@ -328,17 +328,17 @@ def sweep(
 
 
 @app.command()
-def report(out: Path = typer.Option(Path("report"), help="Directory to write the HTML site into (replaced)."),
-           results_dir: Optional[Path] = typer.Option(None, "--results", help="Results directory to read.")):
+def report(out: str = typer.Option("report", help="Directory to write the HTML site into (replaced)."),
+           results_dir: Optional[str] = typer.Option(None, "--results", help="Results directory to read.")):
     """Write the static HTML report: the catalogue, and a page per experiment that ran."""
     from paperzoo.report import ReportError, build_report
 
-    if not str(out).strip():
+    if not out.strip():
         fail("--out is empty; give the report's directory")
-    if results_dir is not None and not results_dir.is_dir():
+    if results_dir is not None and not Path(results_dir).expanduser().is_dir():
         fail(f"results directory not found: {results_dir}")
     try:
-        index = build_report(out, results_dir)
+        index = build_report(Path(out).expanduser(), results_dir)
     except (ReportError, FileExistsError, NotADirectoryError, PermissionError) as e:
         fail(first_line(e))
     except user_errors() as e:

@@ -79,7 +79,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from paperzoo.compression import Compressed, parameter_bits
+from paperzoo.compression import Compressed, batch_tensors, check_token_ids, parameter_bits
 from paperzoo.core.models import decoder_layers
 from paperzoo.core.training import TrainConfig, bf16_autocast_available, train
 
@@ -158,6 +158,20 @@ def _check_group_size(model: nn.Module, group_size: int) -> None:
     if bad:
         raise ValueError(f"group_size {group_size} must divide every linear layer's input features "
                          f"({', '.join(map(str, widths))}); it does not divide {bad[0]}")
+
+
+def _calibration_ids(model: nn.Module, calibration) -> torch.Tensor:
+    """[N, T] token ids from a tensor or a mapping with 'input_ids' (a tokenizer's output); no padding allowed."""
+    try:
+        ids, mask = batch_tensors(calibration)
+    except ValueError as e:
+        raise ValueError(f"calibration: {e}") from None
+    if mask is not None and not bool(mask.bool().all()):
+        raise ValueError("calibration must not be padded (its attention_mask has zeros): pass equal-length "
+                         "blocks of token ids, e.g. cut from concatenated documents")
+    _check_token_blocks("calibration", ids.long())
+    check_token_ids(model, ids)
+    return ids.long()
 
 
 def _check_token_blocks(name: str, blocks, min_len: int = 1) -> None:
@@ -375,13 +389,13 @@ def block_ap(model: nn.Module, calibration: torch.Tensor, bits: int, group_size:
              config: BlockAPConfig = BlockAPConfig(), use_bf16: bool | None = None) -> tuple[nn.Module, dict]:
     """Block-AP on a copy of `model`: returns it with frozen-integer weights, and per-block statistics.
 
-    `calibration` is an [N, T] tensor of token ids. With ``config.epochs == 0`` this is
+    `calibration` is an [N, T] tensor of token ids (or a tokenizer's unpadded output). With ``config.epochs == 0`` this is
     RTN: the min-max quantisers are frozen untouched. The statistics give, per block,
     the reconstruction MSE on the calibration data at the RTN start and at the end.
     """
     _check_bits(bits)
     _check_group_size(model, group_size)
-    _check_token_blocks("calibration", calibration)
+    calibration = _calibration_ids(model, calibration)
     if not isinstance(config, BlockAPConfig):
         raise ValueError(f"config must be a BlockAPConfig, got {type(config).__name__}")
     start = time.perf_counter()

@@ -60,7 +60,10 @@ Choices and deviations, with reasons:
   probabilities would underflow in e4m3 and the comparison would measure range,
   not precision. Rounding is torch's (nearest-even, saturating at the format's max).
 - In attention only the two matmuls use the chosen arithmetic; the scale
-  $1/\sqrt{d}$, the mask and the softmax stay in fp32, as in the paper.
+  $1/\sqrt{d}$, the mask and the softmax stay in fp32, as in the paper. Gemma-2's
+  attention logit soft-capping, $c \tanh(s / c)$ applied to the scaled scores before
+  the mask, is applied the same way (in fp32, after the simulated $Q K^\top$), as
+  transformers' own eager attention does; attention sinks (gpt-oss) are refused.
 """
 
 from __future__ import annotations
@@ -156,6 +159,11 @@ def l_mul(x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:
 
     $(-1)^{x_s \oplus y_s}$ times the number whose bits are $q_x + q_y - 127 \cdot 2^m + 2^{m - l(m)}$.
     """
+    _check_mantissa_bits(m)
+    try:
+        torch.broadcast_shapes(x.shape, y.shape)
+    except RuntimeError:
+        raise ValueError(f"x and y must broadcast to one shape, got {tuple(x.shape)} and {tuple(y.shape)}") from None
     sx, qx = _fields(x, m)
     sy, qy = _fields(y, m)
     r = qx + (qy + _bias_and_offset(m))
@@ -168,9 +176,16 @@ def l_mul_matmul(a: torch.Tensor, b: torch.Tensor, m: int, max_elements: int = 1
     a: [..., n, k], b: [..., k, p] (batch dimensions broadcast) -> [..., n, p].
     At most `max_elements` products are held at once (as integers), so memory stays bounded.
     """
+    _check_mantissa_bits(m)
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1:
+        raise ValueError(f"max_elements must be an integer >= 1, got {max_elements!r}")
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"l_mul_matmul needs [..., n, k] @ [..., k, p], got {tuple(a.shape)} and {tuple(b.shape)}")
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"the batch dimensions of a and b must broadcast, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}") from None
     n, k, p = a.shape[-2], a.shape[-1], b.shape[-1]
     sa, qa = _fields(a.expand(*batch, n, k).reshape(-1, n, k), m)  # [B, n, k]
     sb, qb = _fields(b.expand(*batch, k, p).reshape(-1, k, p).transpose(1, 2), m)  # [B, p, k]
@@ -212,6 +227,8 @@ def round_to_fp8(x: torch.Tensor, dtype: torch.dtype, scaled: bool = True) -> to
     With `scaled`, a per-tensor power-of-two scale first maps max|x| into the format's range
     (undone exactly afterwards). Values beyond the largest finite fp8 number saturate to it.
     """
+    if dtype not in FP8_FORMATS.values():
+        raise ValueError(f"dtype must be one of {', '.join(map(str, FP8_FORMATS.values()))}, got {dtype}")
     x = x.float()
     fmax = torch.finfo(dtype).max
     scale = 1.0
@@ -279,13 +296,18 @@ def simulated_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     query: [b, h, t, d]; key, value: [b, h_kv, s, d]. Returns ([b, t, h, d], probabilities [b, h, t, s]),
     the contract of transformers' attention functions. With `record`, appends each call's operands.
     """
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"simulated attention does not support {unsupported!r} (attention logit soft-capping / sinks)")
+    check_arithmetic(arithmetic)
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("simulated attention does not support attention sinks (s_aux, e.g. gpt-oss)")
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number (or None), got {softcap!r}")
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` query heads
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = simulated_matmul(query, key.transpose(-1, -2), arithmetic) * scaling  # [b, h, t, s]
+    if softcap is not None:  # Gemma-2's attention logit soft-capping: c tanh(scores / c), before the mask
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
@@ -322,9 +344,13 @@ def attention_arithmetic(model: nn.Module, arithmetic: str, record: list | None 
 
     The model is left unmodified afterwards: its previous attention implementation is restored.
     """
-    name = register_attention(arithmetic, record)
-    if not model._can_set_attn_implementation():
+    check_arithmetic(arithmetic)
+    if not hasattr(model, "_can_set_attn_implementation") or not model._can_set_attn_implementation():
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} uses attention sinks (e.g. gpt-oss), which simulated attention "
+                         "does not support")
+    name = register_attention(arithmetic, record)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
@@ -339,6 +365,12 @@ def attention_operands(model: nn.Module, input_ids: torch.Tensor) -> list[dict[s
 
     One dict per layer: query [b, h, t, d], key [b, h, s, d] (kv heads repeated), probs [b, h, t, s], value.
     """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long \
+            or input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty [batch, T] tensor of token ids (int64)")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions; the model takes at most {limit}")
     record: list = []
     with attention_arithmetic(model, "exact", record=record):
         model(input_ids=input_ids, use_cache=False)

@@ -107,14 +107,17 @@ class SLMArchitecture:
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SLMArchitecture: {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SLMArchitecture: {name} must be an integer >= 1, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"SLMArchitecture: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"SLMArchitecture: num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        if self.ffn_ratio <= 0:
-            raise ValueError(f"SLMArchitecture: ffn_ratio must be positive, got {self.ffn_ratio}")
+        if isinstance(self.ffn_ratio, bool) or not isinstance(self.ffn_ratio, (int, float)) \
+                or not 0 < self.ffn_ratio < float("inf") or round(self.ffn_ratio * self.hidden_size) < 1:
+            raise ValueError(f"SLMArchitecture: ffn_ratio must be a finite number > 0 giving an intermediate size "
+                             f">= 1, got {self.ffn_ratio!r}")
 
     @property
     def head_dim(self) -> int:
@@ -197,6 +200,8 @@ def peak_allocated_bytes(run) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    if not callable(run):
+        raise ValueError(f"run must be callable with no arguments, got {type(run).__name__}")
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
@@ -253,9 +258,12 @@ def measure_inference(model: nn.Module, batch: int, prompt_len: int, new_tokens:
     `threads` sets PyTorch's intra-op threads for the call (restored afterwards).
     Returns milliseconds and bytes.
     """
-    if batch < 1 or prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"measure_inference needs batch, prompt_len, new_tokens, repeats >= 1 and warmup >= 0, got "
-                         f"{batch}, {prompt_len}, {new_tokens}, {repeats}, {warmup}")
+    for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 1),
+                             ("repeats", repeats, 1), ("warmup", warmup, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (or None to keep the current count), got {threads!r}")
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:

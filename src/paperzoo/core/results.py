@@ -41,12 +41,12 @@ def shipped_dir() -> Path:
 def check_writable(folder: Path) -> None:
     """Fail now, with one line, if records cannot be written to `folder` (before any work)."""
     folder = Path(folder)
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ResultsError(f"cannot write results under {folder}: {parent} is a file")
-            break
     try:
+        for parent in (folder, *folder.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ResultsError(f"cannot write results under {folder}: {parent} is a file")
+                break
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
         os.close(fd)

@@ -45,9 +45,16 @@ Implementation notes:
   continuation tokens included, so a cap bounds the whole thinking segment. If the
   cap falls inside a continuation, the cap wins.
 - A model that emits EOS while thinking is done (nothing to force). `max_new_tokens`
-  bounds everything, so a model that never stops thinking still terminates.
+  bounds everything, so a model that never stops thinking still terminates; by default
+  it is what the model's positions leave after the prompt.
 - With no cap and no extensions the loop is plain decoding (a test checks it
   against `generate`'s greedy output token for token).
+- Prompts are padded on the left whatever the tokenizer's `padding_side`, with position
+  ids counted from each row's first real token; arguments, and the prompt plus
+  `max_new_tokens` against the model's positions, are checked before any forward pass.
+- `scaling_weights` writes Scaling as a weighted sum of the accuracies (for fixed
+  thinking-token coordinates), so that it splits into one term per problem and a
+  bootstrap over problems can give it an interval.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from paperzoo.core.reasoning import END_THINK
+from paperzoo.core.sampling import check_positions, encode_left_padded, max_positions
 from paperzoo.decoding import Generation, count_forward_passes
 
 
@@ -98,26 +106,33 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, banned: int 
 @torch.no_grad()
 def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_tokens: int | None = None,
                        num_extensions: int = 0, continuation: str = "Wait", end_of_thinking: str = END_THINK,
-                       answer_prefix: str = "", max_answer_tokens: int = 32, max_new_tokens: int = 1024,
+                       answer_prefix: str = "", max_answer_tokens: int = 32, max_new_tokens: int | None = None,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:
-    """Budget forcing for every prompt at once; `forward_passes` and `wall_seconds` are the batch's."""
+    """Budget forcing for every prompt at once; `forward_passes` and `wall_seconds` are the batch's.
+
+    `max_new_tokens` bounds every generation (thinking and answer); by default, as many
+    as the model's positions leave after the longest prompt (1024 if it has no limit).
+    """
     if max_thinking_tokens is not None and max_thinking_tokens < 0:
         raise ValueError(f"max_thinking_tokens must be >= 0 or None, not {max_thinking_tokens}")
     if num_extensions < 0:
         raise ValueError(f"num_extensions must be >= 0, not {num_extensions}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-    if tokenizer.padding_side != "left":
-        raise ValueError("budget forcing needs a tokenizer with padding_side='left' for batched decoding")
-    if not prompts:
-        raise ValueError("no prompts")
+    if (max_new_tokens is not None and max_new_tokens < 1) or max_answer_tokens < 1:
+        raise ValueError(f"max_new_tokens and max_answer_tokens must be at least 1, got {max_new_tokens} and "
+                         f"{max_answer_tokens}")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
     d = single_token(tokenizer, end_of_thinking, "end-of-thinking delimiter")
     wait = tokenizer(continuation, add_special_tokens=False)["input_ids"] if continuation else []
     prefix = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     eos = tokenizer.eos_token_id
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    if enc["input_ids"].shape[1] == 0:
-        raise ValueError("the prompts are empty")
+    enc = encode_left_padded(tokenizer, prompts)
+    if max_new_tokens is None:
+        limit = max_positions(model)
+        max_new_tokens = max(1, limit - enc["input_ids"].shape[1]) if limit is not None else 1024
+    check_positions(model, enc["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     mask = enc["attention_mask"].to(device)  # [B, T], grows by one column per step
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -199,3 +214,21 @@ def scaling(points: Sequence[tuple[float, float]]) -> float | None:
     """
     slopes = [(fb - fa) / (b - a) for (a, fa), (b, fb) in combinations(sorted(points), 2) if b != a]
     return sum(slopes) / len(slopes) if slopes else None
+
+
+def scaling_weights(thinking: Sequence[float]) -> list[float] | None:
+    """w with Scaling = sum_k w_k f(a_k) for budgets at thinking tokens a_k (their accuracies f free).
+
+    Scaling is linear in the accuracies once the thinking tokens are fixed, so a per-problem
+    0/1 correctness vector c_i gives a per-problem term sum_k w_k c_ik whose mean over
+    problems is Scaling. None when no two budgets differ in thinking tokens.
+    """
+    pairs = [(i, j) for i, j in combinations(range(len(thinking)), 2) if thinking[i] != thinking[j]]
+    if not pairs:
+        return None
+    w = [0.0] * len(thinking)
+    for i, j in pairs:
+        slope = 1.0 / (thinking[j] - thinking[i]) / len(pairs)  # (f_j - f_i) / (a_j - a_i), either order
+        w[j] += slope
+        w[i] -= slope
+    return w

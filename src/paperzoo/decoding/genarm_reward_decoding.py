@@ -45,19 +45,41 @@ by default):
 - ``genarm_loss`` is the mean over the batch; the official optional margin $\gamma$ is left out.
 - Whole-sequence reward for a best-of-N baseline: `sequence_reward` gives the same ARM's
   $\beta_r \sum_t \log \pi_r$, one forward call per batch of responses.
+- Training follows the official recipe (``training_trl/train_arm_llama_HH.sh`` and
+  ``train_arm_llama.py``): the ARM is the base model with a LoRA adapter (peft; rank 8,
+  alpha 16, dropout 0.05, on the attention projections q, k, v), trained for one epoch
+  with AdamW at 5e-4, a cosine schedule after a short linear warm-up, weight decay 0.05,
+  batches of 32 pairs and gradient clipping at 1 (the Trainer's default); beta_r = 0.05
+  for HH-RLHF. `lora_arm` builds such an ARM and `train_arm` trains whatever parameters
+  require gradients (the adapter, or a whole model). `genarm_generate` takes a plain
+  causal LM or a peft model as ARM.
+- Prompts are padded on the left whatever the tokenizer's `padding_side`, with position
+  ids counted from each row's first real token in both models (this matters for models
+  with learned absolute positions, such as GPT-2). Arguments, and prompt plus
+  `max_new_tokens` against both models' positions, are checked before any forward pass.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
 import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from torch import nn
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, get_cosine_schedule_with_warmup
 
+from paperzoo.core.sampling import check_positions, encode_left_padded
 from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prompt_ids
+
+# The official ARM recipe (Yuancheng-Xu/GenARM, training_trl/): LoRA and optimiser settings, beta for HH-RLHF.
+PAPER_LORA_RANK, PAPER_LORA_ALPHA, PAPER_LORA_DROPOUT = 8, 16.0, 0.05
+PAPER_LR, PAPER_WEIGHT_DECAY, PAPER_BATCH, PAPER_EPOCHS = 5e-4, 0.05, 32, 1
+PAPER_BETA_R = 0.05
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # the official target modules that a Llama has
 
 # --------------------------------------------------------------------------- the reward model's loss
 
@@ -112,33 +134,78 @@ def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 def sequence_reward(arm, tokenizer, prompts: Sequence[str], responses: Sequence[str], beta_r: float = 1.0,
                     batch_size: int = 64) -> torch.Tensor:
     """Whole-sequence reward r(x, y) = beta_r sum_t log pi_r(y_t | x, y_<t) (the ARM parametrisation): [N]."""
+    if len(prompts) != len(responses) or len(prompts) == 0:
+        raise ValueError("sequence_reward needs one response per prompt, and at least one")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     out = []
     for s in range(0, len(prompts), batch_size):
         ids, attn, resp = encode_responses(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size])
+        check_positions(arm, ids.shape[1], 0, what="reward model")
         out.append(beta_r * response_logprobs(arm, ids, attn, resp))
     return torch.cat(out)
 
 
-def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: float = 0.1, steps: int = 100,
-              batch_size: int = 16, lr: float = 1e-4, seed: int = 0) -> list[float]:
-    """Train `arm` in place on (prompt, preferred, rejected) triples with `genarm_loss`; returns the losses."""
+def lora_arm(base: nn.Module, rank: int = PAPER_LORA_RANK, alpha: float = PAPER_LORA_ALPHA,
+             dropout: float = PAPER_LORA_DROPOUT, target_modules=None, seed: int = 0):
+    """A copy of `base` with a fresh LoRA adapter (peft): the official ARM before training.
+
+    `target_modules` defaults to the attention projections q, k, v (the official targets a
+    Llama has); a model without them gets peft's ``"all-linear"``. `base` is not changed.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"need rank >= 1, alpha > 0 and 0 <= dropout < 1, got {rank}, {alpha} and {dropout}")
+    if target_modules is None:
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        target_modules = list(ATTENTION_PROJECTIONS) if set(ATTENTION_PROJECTIONS) <= names else "all-linear"
+    torch.manual_seed(seed)
+    return get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                          target_modules=target_modules, bias="none"))
+
+
+def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: float = PAPER_BETA_R,
+              epochs: int = PAPER_EPOCHS, batch_size: int = PAPER_BATCH, lr: float = PAPER_LR,
+              warmup_steps: int = 0, weight_decay: float = PAPER_WEIGHT_DECAY, seed: int = 0) -> list[float]:
+    """Train `arm` in place on (prompt, preferred, rejected) triples with `genarm_loss`; returns the losses.
+
+    `epochs` passes over the pairs in a seeded random order, batches of `batch_size`
+    pairs, AdamW with linear warm-up then cosine decay, gradients clipped at 1. Only
+    parameters that require gradients are trained (a LoRA adapter from `lora_arm`, or a
+    whole model).
+    """
     if not pairs:
         raise ValueError("train_arm needs at least one preference pair")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or warmup_steps < 0 or weight_decay < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0, warmup_steps >= 0 and weight_decay >= 0, "
+                         f"got {epochs}, {batch_size}, {lr}, {warmup_steps} and {weight_decay}")
+    if beta_r <= 0:
+        raise ValueError(f"beta_r must be positive, not {beta_r}")
+    params = [p for p in arm.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the reward model has no trainable parameters")
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(arm.parameters(), lr=lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(pairs) / batch_size)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = get_cosine_schedule_with_warmup(opt, warmup_steps, epochs * per_epoch)
     arm.train()
     losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
-        x = [pairs[i][0] for i in idx]
-        ids, attn, resp = encode_responses(tokenizer, x + x, [pairs[i][1] for i in idx] + [pairs[i][2] for i in idx])
-        logp = response_logprobs(arm, ids, attn, resp)  # [2B]: preferred then rejected
-        loss = genarm_loss(logp[:len(idx)], logp[len(idx):], beta_r)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(arm.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+    for _ in range(epochs):
+        order = torch.randperm(len(pairs), generator=g).tolist()
+        for start in range(0, len(pairs), batch_size):
+            idx = order[start:start + batch_size]
+            x = [pairs[i][0] for i in idx]
+            ids, attn, resp = encode_responses(tokenizer, x + x,
+                                               [pairs[i][1] for i in idx] + [pairs[i][2] for i in idx])
+            logp = response_logprobs(arm, ids, attn, resp)  # [2B]: preferred then rejected
+            loss = genarm_loss(logp[:len(idx)], logp[len(idx):], beta_r)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
     arm.eval()
     return losses
 
@@ -163,6 +230,8 @@ class GenARMLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, arm, alpha: float, attention_mask: torch.Tensor):
+        if alpha < 0:
+            raise ValueError(f"alpha = beta_r / beta must be non-negative, not {alpha}")
         self.arm, self.alpha = arm, alpha
         self.mask = attention_mask.long()
         self.cache: DynamicCache | None = None
@@ -195,21 +264,28 @@ def genarm_generate(base, arm, tokenizer, prompts: Sequence[str], alpha: float =
                     seed: int = 0, batch_size: int = 64) -> list[Generation]:
     """One GenARM sample per prompt (repeat a prompt for several); forward calls of both models in stats.
 
-    `forward_passes` and `wall_seconds` of each Generation are those of the batch it was drawn in.
+    `arm` is a causal LM or a peft model around one (as `lora_arm` returns). `forward_passes`
+    and `wall_seconds` of each Generation are those of the batch it was drawn in.
     """
-    if tokenizer.padding_side != "left":
-        raise ValueError("genarm_generate needs a tokenizer with padding_side='left'")
-    if base.config.vocab_size != arm.config.vocab_size:
-        raise ValueError(f"base and reward model vocabularies differ: {base.config.vocab_size} vs "
-                         f"{arm.config.vocab_size}")
+    if alpha < 0:
+        raise ValueError(f"alpha = beta_r / beta must be non-negative, not {alpha}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be at least 1, got {max_new_tokens} and {batch_size}")
+    if hasattr(arm, "get_base_model"):  # peft: its LoRA layers live inside the base model, called directly
+        arm = arm.get_base_model()
+    base_vocab = base.get_output_embeddings().weight.shape[0]
+    arm_vocab = arm.get_output_embeddings().weight.shape[0]
+    if base_vocab != arm_vocab:
+        raise ValueError(f"base and reward model vocabularies differ: {base_vocab} vs {arm_vocab}")
+    longest = encode_left_padded(tokenizer, prompts)["input_ids"].shape[1]
+    check_positions(base, longest, max_new_tokens, what="base model")
+    check_positions(arm, longest, max_new_tokens, what="reward model")
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
     out: list[Generation] = []
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        if enc["input_ids"].shape[1] == 0:
-            raise ValueError("the prompt is empty")
+        enc = encode_left_padded(tokenizer, chunk)
         processor = GenARMLogitsProcessor(arm, alpha, enc["attention_mask"])
         with count_forward_passes(base) as base_calls, count_forward_passes(arm) as arm_calls:
             start = time.perf_counter()

@@ -110,17 +110,22 @@ class MindEvolutionConfig:
     temperature: float = 1.0  # Boltzmann selection temperature T
 
     def __post_init__(self):
+        for name in ("n_gens", "n_island", "n_convs", "n_seq", "reset_interval", "n_top", "n_candidate", "n_parent",
+                     "n_reset", "n_emigrate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, not {value!r}")
         for name in ("n_gens", "n_island", "n_convs", "n_seq", "reset_interval", "n_top", "n_candidate", "n_parent"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.n_reset < self.n_island:
             raise ValueError(f"n_reset must be in 0..n_island-1, not {self.n_reset}")
         if self.n_emigrate < 0:
-            raise ValueError(f"n_emigrate must be non-negative, not {self.n_emigrate}")
+            raise ValueError(f"n_emigrate must be >= 0, not {self.n_emigrate}")
         if not 0 <= self.pr_no_parents <= 1:
-            raise ValueError(f"pr_no_parents is a probability, not {self.pr_no_parents}")
-        if self.temperature <= 0:
-            raise ValueError(f"the selection temperature must be positive, not {self.temperature}")
+            raise ValueError(f"pr_no_parents must be a probability in [0, 1], not {self.pr_no_parents}")
+        if not self.temperature > 0 or not np.isfinite(self.temperature):
+            raise ValueError(f"temperature (of Boltzmann selection) must be a positive finite number, not {self.temperature}")
 
     @property
     def evaluations_per_generation(self) -> int:
@@ -170,8 +175,8 @@ class _Counted:
 
 def boltzmann_probabilities(scores: Sequence[float], temperature: float = 1.0) -> np.ndarray:
     """p_i = exp(f_i / T) / sum_j exp(f_j / T): [n] -> [n] (stable; -inf gets probability 0)."""
-    if temperature <= 0:
-        raise ValueError(f"the temperature must be positive, not {temperature}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, not {temperature}")
     f = np.asarray(scores, dtype=np.float64) / temperature
     if f.size == 0:
         raise ValueError("cannot select from an empty population")
@@ -207,6 +212,8 @@ def _top(population: Sequence[Candidate], n: int) -> list[Candidate]:
 
 def migrate(islands: list[list[Candidate]], n_emigrate: int) -> int:
     """Copy the top `n_emigrate` of island k to island k+1 (a ring), all from the pre-migration state."""
+    if isinstance(n_emigrate, bool) or not isinstance(n_emigrate, int) or n_emigrate < 0:
+        raise ValueError(f"n_emigrate must be an integer >= 0, not {n_emigrate!r}")
     if len(islands) < 2 or n_emigrate == 0:
         return 0
     emigrants = [_top(island, n_emigrate) for island in islands]
@@ -237,9 +244,17 @@ def reset_islands(islands: list[list[Candidate]], config: MindEvolutionConfig) -
 
 # --------------------------------------------------------------------------- the searches
 
-def _check_budget(max_evaluations: int | None) -> None:
-    if max_evaluations is not None and max_evaluations < 1:
-        raise ValueError(f"max_evaluations must be at least 1, not {max_evaluations}")
+def _check_budget(max_evaluations: int | None, name: str = "max_evaluations") -> None:
+    if max_evaluations is not None and (isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int)
+                                        or max_evaluations < 1):
+        raise ValueError(f"{name} must be an integer >= 1, not {max_evaluations!r}")
+
+
+def _check_callables(**functions) -> None:
+    """The caller's functions are callable (propose_batch may be None)."""
+    for name, f in functions.items():
+        if not callable(f) and not (name == "propose_batch" and f is None):
+            raise ValueError(f"{name} must be callable, not {type(f).__name__}")
 
 
 def _result(best: Candidate | None, counted: _Counted, start: float, passes, model, tokenizer, stats: dict) -> Generation:
@@ -267,6 +282,9 @@ def mind_evolution(task, propose: Callable[[str, int], list[str]], evaluate: Cal
     parents and earlier turns (an empty list: solve from scratch).
     """
     _check_budget(max_evaluations)
+    if not isinstance(config, MindEvolutionConfig):
+        raise ValueError(f"config must be a MindEvolutionConfig, not {type(config).__name__}")
+    _check_callables(propose=propose, evaluate=evaluate, render=render, propose_batch=propose_batch)
     budget = config.n_gens * config.evaluations_per_generation if max_evaluations is None else max_evaluations
     counted = _Counted(propose, evaluate, propose_batch)
     rng = np.random.default_rng(seed)
@@ -314,7 +332,8 @@ def mind_evolution(task, propose: Callable[[str, int], list[str]], evaluate: Cal
 
 def best_of_n(task, propose, evaluate, render, n: int, propose_batch=None, model=None, tokenizer=None) -> Generation:
     """N independent solutions from scratch, each evaluated; the best by fitness is returned."""
-    _check_budget(n)
+    _check_budget(n, "n")
+    _check_callables(propose=propose, evaluate=evaluate, render=render, propose_batch=propose_batch)
     counted = _Counted(propose, evaluate, propose_batch)
     start = time.perf_counter()
     best, history = None, []
@@ -334,9 +353,10 @@ def sequential_revision(task, propose, evaluate, render, budget: int, threads: i
 
     Stops at the end of the turn in which a solution is accepted, or after `budget` evaluations.
     """
-    _check_budget(budget)
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, not {threads}")
+    _check_budget(budget, "budget")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, not {threads!r}")
+    _check_callables(propose=propose, evaluate=evaluate, render=render, propose_batch=propose_batch)
     counted = _Counted(propose, evaluate, propose_batch)
     start = time.perf_counter()
     chains: list[list[Candidate]] = [[] for _ in range(threads)]

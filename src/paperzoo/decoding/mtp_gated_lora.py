@@ -96,6 +96,10 @@ Implementation notes and deviations:
   attention masks and position ids, cache crops): `generate` cannot append mask blocks,
   read their latents or roll back rejected drafts. Attention must be ``eager`` or
   ``sdpa`` (a boolean or additive 4-D mask is passed through unchanged by HF).
+- Architectures: Llama-style models, GPT-2 and OPT (whose feed-forward layers flatten
+  the batch to [B * N, d]; the gate is flattened with it). A prompt whose length plus
+  `max_new_tokens` plus the k mask positions of the last block exceeds the model's
+  positions is refused before any pass, naming the limit.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paperzoo.core.sampling import check_positions, max_positions
 from paperzoo.decoding import Generation, count_forward_passes, prompt_ids
 
 _RESERVED = re.compile(r"<\|reserved(?:_special_token)?_(\d+)\|>")
@@ -126,6 +131,16 @@ class MTPConfig:
     target_modules: str | list[str] = "all-linear"
     sampler_hidden: int | None = None  # default: the model's hidden size
     lcm_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.k < 1 or self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"need k >= 1, rank >= 1 and alpha > 0, got k={self.k}, rank={self.rank}, "
+                             f"alpha={self.alpha}")
+        if not 0 <= self.lora_dropout < 1 or self.lcm_weight < 0:
+            raise ValueError(f"need 0 <= lora_dropout < 1 and lcm_weight >= 0, got {self.lora_dropout} and "
+                             f"{self.lcm_weight}")
+        if self.sampler_hidden is not None and self.sampler_hidden < 1:
+            raise ValueError(f"sampler_hidden must be at least 1 (or None), not {self.sampler_hidden}")
 
 
 def mask_token_ids(tokenizer, k: int, model: nn.Module | None = None) -> list[int]:
@@ -245,9 +260,12 @@ class GatedMTP(nn.Module):
     def _gate_lora(self, module, args, out):
         if self._gate is None:  # closed gate: the LoRA branch contributes exactly zero
             return out * 0
-        if out.shape[:-1] != self._gate.shape:
+        gate = self._gate
+        if out.shape[:-1] != gate.shape and out.dim() == 2 and out.shape[0] == gate.numel():
+            gate = gate.reshape(-1)  # OPT's feed-forward layers see the batch flattened to [B * N, d]
+        if out.shape[:-1] != gate.shape:
             raise ValueError(f"gate of shape {tuple(self._gate.shape)} does not match activations {tuple(out.shape)}")
-        return out * self._gate[..., None].to(out.dtype)
+        return out * gate[..., None].to(out.dtype)
 
     def _keep_new_mask_ids_off_the_table(self, module, args):
         self._ids = ids = args[0]
@@ -379,6 +397,16 @@ def train_mtp(mtp: GatedMTP, blocks: torch.Tensor, config, anchors: int | None =
     """Fine-tune the mask embeddings, gated LoRA and sampler on token blocks [N, T] (core.training.train)."""
     from paperzoo.core.training import train
 
+    if anchors is not None and anchors < 1:
+        raise ValueError(f"anchors must be at least 1 (or None for every position), not {anchors}")
+    if blocks.dim() != 2 or blocks.shape[1] < 3:
+        raise ValueError(f"blocks must be token ids [N, T] with T >= 3, got shape {tuple(blocks.shape)}")
+    # mask j after the last anchor T - 3 sits at position T - 3 + j: up to k - 2 positions past the block
+    need, limit = blocks.shape[1] + max(0, mtp.config.k - 2), max_positions(mtp.base)
+    if limit is not None and need > limit:
+        raise ValueError(f"blocks of {blocks.shape[1]} tokens with k={mtp.config.k} mask tokens need {need} positions, "
+                         f"but the model has {limit} (max_position_embeddings): use shorter blocks")
+
     history = train(MTPObjective(mtp, anchors), blocks, config, params=mtp.trainable_parameters(),
                     desc=f"MTP gated LoRA, k={mtp.config.k}", seed=seed)
     mtp.eval()
@@ -405,6 +433,7 @@ def mtp_decode(mtp: GatedMTP, tokenizer, prompt: str, max_new_tokens: int = 64, 
     mtp.eval()
     k, device = mtp.config.k, mtp.mask_ids.device
     prompt_tokens = prompt_ids(tokenizer, prompt)[0].tolist()
+    check_positions(mtp.base, len(prompt_tokens), max_new_tokens, extra=k)
     eos = tokenizer.eos_token_id
     known, drafts, generated = prompt_tokens, [], []  # known: verified tokens not yet in the cache
     cache, past = None, 0

@@ -15,8 +15,10 @@ the first correct answer, averaged over the $N$ test instances,
 $$ \xi_O = \frac1N \sum_{i=1}^N \sigma_i \frac{\hat T_i}{T_i} $$
 
 with $T_i$ the response's tokens, $\hat T_i$ the tokens up to the end of its first
-correct solution round, and $\sigma_i = 1$ if instance $i$ is answered correctly
-(else 0, so wrong responses count as fully wasted).
+correct solution round, and $\sigma_i = 1$ if at least one solution in the response is
+correct (paper, §2.2; else 0 and $\hat T_i = T_i$, so such a response counts as fully wasted).
+$\sigma_i$ is about the solution rounds, not the final answer: a response whose first
+round is right and whose last round talks itself out of it still has $\sigma_i = 1$.
 
 **Process efficiency**: the share of tokens spent on *distinct* solutions,
 
@@ -25,12 +27,16 @@ $$ \xi_P = \frac1N \sum_{i=1}^N \frac{D_i}{T_i}, \qquad D_i = \sum_{m=1}^{M_i} \
 with $T^i_m$ the tokens of round $m$ and $\tau^i_m = 1$ if round $m$ takes a
 perspective no earlier round took.
 
-**The fix** (paper, §4): sample responses from the model itself, keep those
-whose answer is correct, and build a streamlined response from each: "First-Correct
-Solutions" (FCS, the rounds up to and including the first correct one) or
-FCS + Reflection (one more round, the paper's best trade-off), followed by the
-original conclusion. Then train with SimPO (the paper's best among SFT, DPO, RPO and
-SimPO), the streamlined response preferred over the full one:
+**The fix** (paper, §3): sample 10 responses per training problem from the model itself
+at temperature 1, discard those without a correct answer, and streamline each:
+"First-Correct Solutions" (FCS, the rounds up to the first one that reaches the correct
+answer) or FCS + Reflection (up to the *second* round that reaches the correct answer,
+the paper's default), followed by the original conclusion. One preference pair per
+problem (`length_preference_pair`): the shortest streamlined response of the problem's
+samples is preferred ("for each instance, we select the shortest result of each type"),
+the longest sampled response is rejected ("using the longest sampled response as the
+negative example"). Then train with SimPO (the paper's best among SFT, DPO, RPO and
+SimPO):
 
 $$ \mathcal L_{\text{SimPO}} = -\log\sigma\Big(\frac{\beta}{|y_w|}\log\pi(y_w\mid x)
    - \frac{\beta}{|y_l|}\log\pi(y_l\mid x) - \gamma\Big) $$
@@ -39,8 +45,9 @@ $$ \mathcal L_{\text{SimPO}} = -\log\sigma\Big(\frac{\beta}{|y_w|}\log\pi(y_w\mi
 
 Interface: `split_rounds` cuts a response at a round marker; `SolutionRounds`
 holds per-round token counts; `outcome_efficiency` / `process_efficiency` are the
-metrics; `streamline` builds FCS(+reflections) responses; `simpo_loss` and
-`simpo_step` train any HF causal LM.
+metrics (`outcome_terms` / `process_terms` per response); `streamline` builds FCS and
+FCS + Reflection responses; `length_preference_pair` the paper's pair for one problem;
+`simpo_loss` and `simpo_step` train any HF causal LM.
 
 Deviations and choices:
 
@@ -51,6 +58,8 @@ Deviations and choices:
   round that repeats an earlier computation is not distinct).
 - Text after the end-of-thinking delimiter (the final answer) is counted in $T_i$ and
   belongs to the last round, so a one-round correct response has $\xi_O = 1$.
+- FCS + Reflection on a response with only one correct round keeps up to that round
+  (there is no second one to keep): it is then the FCS response.
 - trl is not installed, so SimPO's loss is written out (a few lines) rather than
   taken from ``trl.CPOTrainer(loss_type="simpo")``. The paper's SimPO
   hyper-parameters for QwQ-32B are not used at this scale; the experiment's β and γ
@@ -74,8 +83,8 @@ def split_rounds(thinking: str, marker: str = "Wait") -> list[str]:
 
     The rounds concatenate back to `thinking` exactly.
     """
-    if not marker:
-        raise ValueError("the round marker must be a non-empty string")
+    if not isinstance(marker, str) or not marker:
+        raise ValueError("marker (the round marker) must be a non-empty string")
     starts = [0] + [m.start() for m in re.finditer(r"(?m)^" + re.escape(marker), thinking) if m.start() > 0]
     return [thinking[a:b] for a, b in zip(starts, starts[1:] + [len(thinking)])]
 
@@ -87,7 +96,7 @@ class SolutionRounds:
     tokens: tuple[int, ...]  # T_m, tokens of round m (the last round includes the conclusion)
     correct: tuple[bool, ...]  # does round m reach the correct answer
     distinct: tuple[bool, ...]  # tau_m: does round m take a perspective no earlier round took
-    answered_correctly: bool  # sigma: is the response's final answer correct
+    answered_correctly: bool  # is the response's final answer correct (accuracy; not sigma)
 
     def __post_init__(self):
         if not (len(self.tokens) == len(self.correct) == len(self.distinct)) or not self.tokens:
@@ -98,6 +107,11 @@ class SolutionRounds:
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens)
+
+    @property
+    def sigma(self) -> bool:
+        r"""$\sigma_i$: at least one solution round in the response is correct (paper, §2.2)."""
+        return any(self.correct)
 
     @property
     def first_correct(self) -> int | None:
@@ -125,48 +139,90 @@ def rounds_of(texts: Sequence[str], count_tokens: Callable[[str], int], is_corre
 
 def _check(responses: Sequence[SolutionRounds]) -> None:
     if not responses:
-        raise ValueError("need at least one response")
+        raise ValueError("responses must hold at least one response")
     if any(r.total_tokens == 0 for r in responses):
         raise ValueError("a response with zero tokens has no efficiency")
 
 
-def outcome_efficiency(responses: Sequence[SolutionRounds]) -> float:
-    r"""$\xi_O = \frac1N\sum_i \sigma_i \hat T_i / T_i$ (paper, §2.2)."""
+def outcome_terms(responses: Sequence[SolutionRounds]) -> list[float]:
+    r"""Per response, $\sigma_i \hat T_i / T_i$; their mean is $\xi_O$."""
     _check(responses)
-    return sum(r.answered_correctly * r.tokens_to_first_correct / r.total_tokens for r in responses) / len(responses)
+    return [r.sigma * r.tokens_to_first_correct / r.total_tokens for r in responses]
+
+
+def process_terms(responses: Sequence[SolutionRounds]) -> list[float]:
+    r"""Per response, $D_i / T_i$ with $D_i = \sum_m \tau_m T_m$; their mean is $\xi_P$."""
+    _check(responses)
+    return [sum(t for t, d in zip(r.tokens, r.distinct) if d) / r.total_tokens for r in responses]
+
+
+def outcome_efficiency(responses: Sequence[SolutionRounds]) -> float:
+    r"""$\xi_O = \frac1N\sum_i \sigma_i \hat T_i / T_i$, $\sigma_i$ = some round is correct (paper, §2.2)."""
+    terms = outcome_terms(responses)
+    return sum(terms) / len(terms)
 
 
 def process_efficiency(responses: Sequence[SolutionRounds]) -> float:
     r"""$\xi_P = \frac1N\sum_i D_i / T_i$, $D_i = \sum_m \tau_m T_m$ (paper, §2.3)."""
-    _check(responses)
-    return sum(sum(t for t, d in zip(r.tokens, r.distinct) if d) / r.total_tokens for r in responses) / len(responses)
+    terms = process_terms(responses)
+    return sum(terms) / len(terms)
 
 
 def streamline(response: str, is_correct_round: Callable[[str], bool], end_of_thinking: str,
-               reflections: int = 1, marker: str = "Wait") -> str | None:
-    """The FCS (+ `reflections` more rounds) version of a response, or None if no round is correct.
+               correct_solutions: int = 2, marker: str = "Wait") -> str | None:
+    """The FCS (``correct_solutions=1``) or FCS + Reflection (``2``, the paper's) version of a response.
 
-    The thinking before `end_of_thinking` is cut into rounds; the first correct round
-    and `reflections` rounds after it are kept, then `end_of_thinking` and the original
-    conclusion. ``reflections=0`` is FCS, ``1`` the paper's FCS + Reflection.
+    The thinking before `end_of_thinking` is cut into rounds; the rounds up to and
+    including the `correct_solutions`-th round that reaches the correct answer are kept
+    (up to the last correct round if there are fewer), then `end_of_thinking` and the
+    original conclusion. None if no round is correct or the delimiter is missing.
     """
-    if reflections < 0:
-        raise ValueError(f"reflections must be >= 0, not {reflections}")
+    if isinstance(correct_solutions, bool) or not isinstance(correct_solutions, int) or correct_solutions < 1:
+        raise ValueError(f"correct_solutions must be an integer >= 1 (1: FCS, 2: FCS + Reflection), "
+                         f"not {correct_solutions!r}")
+    if not end_of_thinking:
+        raise ValueError("end_of_thinking must be a non-empty delimiter")
     if end_of_thinking not in response:
         return None
     thinking, conclusion = response.split(end_of_thinking, 1)
     rounds = split_rounds(thinking, marker)
-    first = next((m for m, t in enumerate(rounds) if is_correct_round(t)), None)
-    if first is None:
+    hits = [m for m, t in enumerate(rounds) if is_correct_round(t)]
+    if not hits:
         return None
-    return "".join(rounds[: first + 1 + reflections]) + end_of_thinking + conclusion
+    last = hits[min(correct_solutions, len(hits)) - 1]
+    return "".join(rounds[: last + 1]) + end_of_thinking + conclusion
+
+
+def length_preference_pair(responses: Sequence[str], is_correct: Callable[[str], bool],
+                           is_correct_round: Callable[[str], bool], end_of_thinking: str,
+                           count_tokens: Callable[[str], int], correct_solutions: int = 2,
+                           marker: str = "Wait") -> tuple[str, str] | None:
+    """The paper's (chosen, rejected) pair from one problem's sampled responses, or None.
+
+    Responses without a correct answer are discarded; chosen = the shortest streamlined
+    (FCS + Reflection by default) response, rejected = the longest response. None when
+    no response is correct or the chosen is not shorter than the rejected.
+    """
+    kept = [r for r in responses if is_correct(r)]
+    if not kept:
+        return None
+    streamlined = [x for x in (streamline(r, is_correct_round, end_of_thinking, correct_solutions, marker)
+                               for r in kept) if x is not None]
+    if not streamlined:
+        return None
+    lengths = {r: count_tokens(r) for r in set(kept) | set(streamlined)}
+    chosen = min(streamlined, key=lambda r: lengths[r])  # the first of the shortest, in sample order
+    rejected = max(kept, key=lambda r: lengths[r])
+    return (chosen, rejected) if lengths[chosen] < lengths[rejected] else None
 
 
 def simpo_loss(logp_w: torch.Tensor, len_w: torch.Tensor, logp_l: torch.Tensor, len_l: torch.Tensor,
                beta: float = 2.0, gamma: float = 1.0) -> torch.Tensor:
     r"""Mean of $-\log\sigma(\beta\,\overline{\log\pi}(y_w) - \beta\,\overline{\log\pi}(y_l) - \gamma)$ over pairs."""
-    if not (logp_w.shape == len_w.shape == logp_l.shape == len_l.shape):
-        raise ValueError("chosen and rejected log-probabilities and lengths must have the same shape")
+    if not (logp_w.shape == len_w.shape == logp_l.shape == len_l.shape) or logp_w.numel() == 0:
+        raise ValueError("chosen and rejected log-probabilities and lengths must have the same non-empty shape")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, not {beta}")
     if (len_w <= 0).any() or (len_l <= 0).any():
         raise ValueError("every response needs at least one token")
     margin = beta * logp_w / len_w - beta * logp_l / len_l - gamma  # [P]
@@ -177,6 +233,11 @@ def simpo_step(model, optimizer, prompts: Sequence[Sequence[int]], chosen: Seque
                rejected: Sequence[Sequence[int]], pad_id: int, beta: float = 2.0, gamma: float = 1.0,
                grad_clip: float = 1.0) -> dict:
     """One SimPO step on a batch of (prompt, preferred, rejected) token lists; returns loss and reward margin."""
+    if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
+        raise ValueError(f"prompts, chosen and rejected must be non-empty and of equal length, got "
+                         f"{len(prompts)}, {len(chosen)} and {len(rejected)}")
+    if not grad_clip > 0:
+        raise ValueError(f"grad_clip must be positive, not {grad_clip}")
     model.train()
     logp, n = completion_logprobs(model, list(prompts) * 2, list(chosen) + list(rejected), pad_id)
     P = len(prompts)

@@ -58,8 +58,8 @@ Implementation notes and deviations (checked against jonhue/activeft: ``activeft
 - Embeddings: the paper's main runs embed with a separate pre-trained text encoder (unit-normalised,
   as in Hardt & Sun's NN baseline). `embed` here uses the fine-tuned LM's own last-layer hidden states,
   mean-pooled over the tokens and unit-normalised, so the method needs nothing but the LM.
-- Learning rate: the paper uses Adam with a small lr for billion-parameter models; the default here is
-  a caller's choice (the experiment states its value).
+- Learning rate: the paper uses Adam with a small lr for billion-parameter models; here it is the
+  caller's choice (the experiment chooses it on an oracle control: steps on the prompt's own text).
 """
 
 from __future__ import annotations
@@ -78,6 +78,27 @@ from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prom
 PAPER_LAMBDA = 0.01  # lambda' (official Retriever default)
 
 
+def _positions(model) -> int | None:
+    """The longest sequence the model has positions for, or None if its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_length(model, length: int, name: str) -> None:
+    limit = _positions(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{name} has {length} tokens but the model has positions for at most {limit}")
+
+
+def _check_lam(lam) -> None:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam (lambda') must be a positive finite number, not {lam!r}")
+
+
 # --------------------------------------------------------------------------- embeddings
 
 @torch.no_grad()
@@ -90,6 +111,9 @@ def embed(model, ids: torch.Tensor, batch_size: int = 32, pooling: str = "mean")
         raise ValueError(f"embed needs token ids of shape [N, T] with T > 0, not {tuple(ids.shape)}")
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', not {pooling!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+    _check_length(model, ids.shape[1], "each sequence to embed")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -108,9 +132,10 @@ def posterior_variance(phi_star: torch.Tensor, phi_X: torch.Tensor, lam: float) 
 
     phi_star: [d]; phi_X: [n, d] (n may be 0). The reference for `sift_select`'s incremental update.
     """
-    if lam <= 0:
-        raise ValueError(f"lambda' must be positive, not {lam}")
-    phi_star, phi_X = phi_star.double(), phi_X.double().reshape(-1, phi_star.shape[-1])
+    _check_lam(lam)
+    if phi_star.dim() != 1 or phi_X.dim() != 2 or phi_X.shape[1] != phi_star.shape[0]:
+        raise ValueError(f"need phi_star [d] and phi_X [n, d], got {tuple(phi_star.shape)} and {tuple(phi_X.shape)}")
+    phi_star, phi_X = phi_star.double(), phi_X.double()
     prior = float(phi_star @ phi_star)
     if len(phi_X) == 0:
         return prior
@@ -133,8 +158,7 @@ def sift_select(phi_star: torch.Tensor, phi: torch.Tensor, k: int, lam: float = 
     the paper's cosine kernel). Exact ties go to the lowest index.
     """
     _check(phi_star, phi, k)
-    if lam <= 0:
-        raise ValueError(f"lambda' must be positive, not {lam}")
+    _check_lam(lam)
     phi_star, phi = phi_star.double(), phi.double()
     c = phi @ phi_star  # [N] k_n(x*, x)
     v = (phi * phi).sum(-1)  # [N] k_n(x, x)
@@ -174,14 +198,17 @@ def _check(phi_star: torch.Tensor, phi: torch.Tensor, k: int) -> None:
     if phi_star.dim() != 1 or phi.dim() != 2 or phi.shape[1] != phi_star.shape[0]:
         raise ValueError(f"need a prompt embedding [d] and pool embeddings [N, d], got "
                          f"{tuple(phi_star.shape)} and {tuple(phi.shape)}")
-    if not 1 <= k <= len(phi):
-        raise ValueError(f"k must be between 1 and the pool size {len(phi)}, not {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(phi):
+        raise ValueError(f"k must be an integer between 1 and the pool size {len(phi)}, not {k!r}")
 
 
 # --------------------------------------------------------------------------- test-time fine-tuning
 
 def sequence_nll(model, ids: torch.Tensor) -> float:
     """Summed next-token negative log-likelihood (nats) of one token sequence [T], in fp32."""
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"ids must be one sequence [T] of at least 2 tokens, not shape {tuple(ids.shape)}")
+    _check_length(model, ids.numel(), "the sequence")
     with torch.no_grad():
         logits = model(input_ids=ids[None]).logits[0, :-1].float()
         return float(F.cross_entropy(logits, ids[1:], reduction="sum"))
@@ -213,10 +240,11 @@ def test_time_finetune(model, examples: Sequence[torch.Tensor], target: torch.Te
         raise ValueError("the target must be one sequence of at least 2 tokens")
     if any(e.dim() != 1 or e.numel() < 2 for e in examples):
         raise ValueError("every example must be one sequence of at least 2 tokens")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, not {lr}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, not {lr!r}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
+    _check_length(model, max([target.numel(), *(e.numel() for e in examples)]), "the target or an example")
     tuned = copy.deepcopy(model)
     tuned.eval()  # no dropout: one deterministic step per example
     params = [p for p in tuned.parameters() if p.requires_grad]
@@ -240,11 +268,25 @@ def sift_decode(model, tokenizer, prompt: str, pool: Sequence[str], k: int = 8, 
     `pool_embeddings` ([N, d], from `embed`) can be passed to avoid re-embedding the pool for every prompt.
     """
     if len(pool) == 0:
-        raise ValueError("the pool of fine-tuning texts is empty")
+        raise ValueError("pool (the fine-tuning texts) is empty")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, not {k!r}")
+    _check_lam(lam)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, not {lr!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")
     ids = prompt_ids(tokenizer, prompt)
+    _check_length(model, ids.shape[1] + max_new_tokens, "the prompt plus max_new_tokens")
     pool_ids = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for t in pool]
+    if any(len(x) < 2 for x in pool_ids):
+        raise ValueError("every pool text must be at least 2 tokens long (one step predicts its next tokens)")
+    for x in pool_ids:
+        _check_length(model, len(x), "a pool text")
     if pool_embeddings is None:
         pool_embeddings = torch.cat([embed(model, x[None]) for x in pool_ids])
+    elif pool_embeddings.dim() != 2 or pool_embeddings.shape[0] != len(pool):
+        raise ValueError(f"pool_embeddings must be [len(pool) = {len(pool)}, d], not {tuple(pool_embeddings.shape)}")
     start = time.perf_counter()
     chosen = sift_select(embed(model, ids)[0], pool_embeddings, min(k, len(pool)), lam)
     fit = test_time_finetune(model, [pool_ids[i] for i in chosen.indices], ids[0], lr) if ids.shape[1] > 1 else None

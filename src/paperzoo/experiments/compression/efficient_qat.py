@@ -52,7 +52,7 @@ import math
 import numpy as np
 import torch
 
-from paperzoo.compression import Compressed
+from paperzoo.compression import Compressed, measure
 from paperzoo.compression.efficient_qat import (
     BlockAPConfig,
     E2EQPConfig,
@@ -178,31 +178,11 @@ def _items(values: torch.Tensor) -> list[float]:
 
     Every arm is grouped alike, so paired comparisons stay paired.
     """
-    v = values.double().numpy()
+    v = torch.as_tensor(values).double().numpy()
     if len(v) > MAX_ITEMS:
         k = -(-len(v) // MAX_ITEMS)
         v = np.array([v[i : i + k].mean() for i in range(0, len(v), k)])
     return [_five(x) for x in v]
-
-
-@torch.no_grad()
-def sequence_scores(model, blocks: torch.Tensor, batch_size: int = 16) -> dict:
-    """Each sequence's mean next-token NLL (nats), and perplexity and accuracy over all predicted positions."""
-    was_training = model.training
-    model.eval()
-    nll, correct, count = [], 0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(blocks), batch_size):
-        x = blocks[i : i + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = x[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [b, T-1]
-        nll.append(loss.mean(1).cpu())
-        correct += (logits.argmax(-1) == target).sum().item()
-        count += target.numel()
-    model.train(was_training)
-    nll = torch.cat(nll)
-    return {"nll": nll, "perplexity": math.exp(nll.double().mean().item()), "accuracy": correct / count}
 
 
 def _row(bits: int, method: str, compressed: Compressed, scores: dict, original: dict, **extra) -> dict:
@@ -225,15 +205,15 @@ def run(ctx: RunContext) -> Outcome:
     block_steps = s["block_epochs"] * math.ceil(s["calibration_sequences"] / s["block_batch"])
     g = s["group_size"]
 
-    original = sequence_scores(model, val_blocks)
-    sequence_nll: dict = {"fp": _items(original["nll"])}
+    original = measure(model, val_blocks)
+    sequence_nll: dict = {"fp": _items(original["sequence_loss"])}
     rows, block_mse, rates = [], {}, {}
     for bits in s["bits"]:
         lr = rates[bits] = learning_rates(bits, block_steps, s["e2e_steps"])
         nll = sequence_nll[str(bits)] = {}
         base = rtn(model, bits, g)
-        scores = sequence_scores(base.model, val_blocks)
-        nll["rtn"] = _items(scores["nll"])
+        scores = measure(base.model, val_blocks)
+        nll["rtn"] = _items(scores["sequence_loss"])
         rows.append(_row(bits, "rtn", base, scores, original, seconds=base.report["seconds"]))
         del base
         quantized, stats = block_ap(model, calibration, bits, g, BlockAPConfig(
@@ -242,14 +222,14 @@ def run(ctx: RunContext) -> Outcome:
         block_mse[bits] = {"rtn": stats["rtn_mse"], "block_ap": stats["block_ap_mse"]}
         # evaluated as it stands (parametrised), before E2E-QP trains its step sizes in place
         alone = Compressed(quantized, quantization_report(quantized, model, bits, g, "Block-AP"))
-        scores = sequence_scores(quantized, val_blocks)
-        nll["block_ap"] = _items(scores["nll"])
+        scores = measure(quantized, val_blocks)
+        nll["block_ap"] = _items(scores["sequence_loss"])
         rows.append(_row(bits, "block_ap", alone, scores, original, seconds={"block_ap": stats["seconds"]}))
         history = e2e_qp(quantized, train_blocks, E2EQPConfig(
             steps=s["e2e_steps"], batch_size=s["e2e_batch"], seq_len=lm.seq_len, lr=lr["e2e_lr"]), seed=ctx.seed)
         both = finish(quantized, model, bits, g, "EfficientQAT")
-        scores = sequence_scores(both.model, val_blocks)
-        nll["efficient_qat"] = _items(scores["nll"])
+        scores = measure(both.model, val_blocks)
+        nll["efficient_qat"] = _items(scores["sequence_loss"])
         rows.append(_row(bits, "efficient_qat", both, scores, original,
                          seconds={"block_ap": stats["seconds"], "e2e_qp": history["seconds"]},
                          e2e_loss_first_last=[history["train_loss"][0], history["train_loss"][-1]]))

@@ -10,15 +10,43 @@ Two measurements on the same operands for every arithmetic:
    product of the unrounded fp32 operands, as relative error |approx - exact| / |exact|.
 2. The base LM's validation perplexity with its attention matmuls (Q K^T and P V) in
    each arithmetic, through a registered attention function on the unmodified model.
+
+Margins. Every arithmetic is measured on the same operand pairs and the same
+validation sequences, so comparisons are paired. Element-wise errors are kept as the
+means of ``CHUNKS`` chunks of the (shuffled) pairs, perplexities as each sequence's
+mean NLL; a check passes only when the paired percentile-bootstrap interval of the
+difference lies beyond its threshold (`paperzoo.core.margins.clearly_greater`). For
+the "as good as" checks (at most 1.25x the error, at most 1.01x the perplexity) that
+means the whole interval must lie inside the allowance: noise can no longer pass them.
+
+Precondition: the registered attention in exact arithmetic reproduces the model's
+own perplexity (the harness changes nothing but the arithmetic). The three
+perplexity checks are "no worse than" claims, which any arithmetic passes on a model
+whose perplexity ignores attention arithmetic. So they are decided only where the
+set-up can show a loss: L-Mul with a 1-bit mantissa (``SENSITIVITY_PROBE``) must
+raise the perplexity by more than the 1% allowance, beyond the bootstrap interval
+over sequences; otherwise they are undecidable (None). This gate is per check, not
+a precondition of the whole claim: the element-wise checks do not depend on the LM.
+Sample sizes (operand pairs, sequences) were set before any run by the time a
+`small` run may take.
+
+Earlier predicate (until the margins of issue 9): the same seven sub-predicates on
+the means as bare comparisons (mean relative errors; perplexities as ppl_a <= 1.01
+ppl_b), with no precondition. Verdict at `small`, seed 0: not reproduced (L-Mul m=4
+had 1.73x the mean relative error of fp8 e4m3, 5.3% against 3.1%; the predicate
+allows 1.25x). What is compared, and every threshold, is unchanged; only the noise
+margins, the precondition and the sensitivity gate of the perplexity checks are new.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 
+from paperzoo.compression import item_list, measure
 from paperzoo.compression.l_mul_multiplication import (
     attention_arithmetic,
     attention_operands,
@@ -26,30 +54,56 @@ from paperzoo.compression.l_mul_multiplication import (
     round_operand,
     simulated_multiply,
 )
-from paperzoo.core.evaluation import evaluate
 from paperzoo.core.experiment import Claim, Outcome, RunContext
+from paperzoo.core.margins import clearly_greater
 
 ELEMENTWISE = ("l-mul-3", "l-mul-4", "l-mul-7", "fp8-e4m3", "fp8-e5m2", "bf16")
-IN_ATTENTION = ("exact", "bf16", "fp8-e4m3", "fp8-e5m2", "l-mul-3", "l-mul-4", "l-mul-7")
+SENSITIVITY_PROBE = "l-mul-1"  # a coarse arithmetic that must cost more than the allowance (perplexity checks)
+IN_ATTENTION = ("exact", "bf16", "fp8-e4m3", "fp8-e5m2", "l-mul-3", "l-mul-4", "l-mul-7", SENSITIVITY_PROBE)
 COMPARABLE = 1.25  # "comparable precision": mean relative error at most 25% above fp8 e4m3's
 LOSSLESS = 1.01  # "almost lossless": perplexity at most 1% above the reference
 HISTOGRAM_RANGE = 0.25
+CHUNKS = 200  # element-wise errors are kept as the means of this many chunks of the shuffled pairs
+EXACT_TOLERANCE = 1e-4  # precondition (a): relative perplexity difference of exact simulated attention
 
 
-def checks(m: dict) -> dict[str, bool]:
-    err = {source: {a: s["mean_relative_error"] for a, s in table.items()} for source, table in m["elementwise"].items()}
-    ppl = m["perplexity"]
+def _chunks(m: dict, source: str, arithmetic: str) -> np.ndarray:
+    return np.asarray(m["elementwise_chunks"][source][arithmetic])
+
+
+def _nll(m: dict, arithmetic: str) -> np.ndarray:
+    return np.asarray(m["sequence_nll"][arithmetic])
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    return {
+        f"exact simulated attention reproduces the model's own perplexity (within {EXACT_TOLERANCE:g} relative)":
+            abs(m["perplexity"]["exact"] / m["model_perplexity"] - 1) <= EXACT_TOLERANCE,
+    }
+
+
+def attention_can_fail(m: dict) -> bool:
+    """Whether this LM can show a lossy attention arithmetic: the coarse probe costs more than the allowance."""
+    return clearly_greater(_nll(m, SENSITIVITY_PROBE), _nll(m, "exact") + math.log(LOSSLESS))
+
+
+def checks(m: dict) -> dict[str, bool | None]:
     out = {}
     for source, label in (("gaussian", "normal operands"), ("attention", "the LM's attention operands")):
-        out[f"L-Mul m=3 is more precise than fp8 e5m2 ({label})"] = err[source]["l-mul-3"] < err[source]["fp8-e5m2"]
-        out[f"L-Mul m=4 is comparable to fp8 e4m3, error <= {COMPARABLE}x ({label})"] = (
-            err[source]["l-mul-4"] <= COMPARABLE * err[source]["fp8-e4m3"])
-    out[f"L-Mul attention on bf16 mantissas (m=7) is almost lossless, ppl <= {LOSSLESS}x exact"] = (
-        ppl["l-mul-7"] <= LOSSLESS * ppl["exact"])
-    out[f"L-Mul m=3 attention is as good as fp8 e5m2 attention, ppl <= {LOSSLESS}x"] = (
-        ppl["l-mul-3"] <= LOSSLESS * ppl["fp8-e5m2"])
-    out[f"L-Mul m=4 attention is as good as fp8 e4m3 attention, ppl <= {LOSSLESS}x"] = (
-        ppl["l-mul-4"] <= LOSSLESS * ppl["fp8-e4m3"])
+        out[f"L-Mul m=3 is more precise than fp8 e5m2 ({label})"] = clearly_greater(
+            _chunks(m, source, "fp8-e5m2"), _chunks(m, source, "l-mul-3"))
+        out[f"L-Mul m=4 is comparable to fp8 e4m3, error <= {COMPARABLE}x ({label})"] = clearly_greater(
+            COMPARABLE * _chunks(m, source, "fp8-e4m3"), _chunks(m, source, "l-mul-4"))
+    allowance = math.log(LOSSLESS)  # ppl_a <= 1.01 ppl_b  <=>  mean NLL_a - mean NLL_b <= log 1.01
+    testable = attention_can_fail(m)  # else "almost lossless" would hold for any arithmetic: undecidable
+
+    def within(reference: str, arithmetic: str) -> bool | None:
+        return clearly_greater(_nll(m, reference) + allowance, _nll(m, arithmetic)) if testable else None
+
+    out[f"L-Mul attention on bf16 mantissas (m=7) is almost lossless, ppl <= {LOSSLESS}x exact"] = within(
+        "exact", "l-mul-7")
+    out[f"L-Mul m=3 attention is as good as fp8 e5m2 attention, ppl <= {LOSSLESS}x"] = within("fp8-e5m2", "l-mul-3")
+    out[f"L-Mul m=4 attention is as good as fp8 e4m3 attention, ppl <= {LOSSLESS}x"] = within("fp8-e4m3", "l-mul-4")
     return out
 
 
@@ -67,14 +121,24 @@ CLAIM = Claim(
         "with m=3 below fp8 e5m2 on both; (3-4) L-Mul with m=4 at most 1.25x fp8 e4m3's on both. Validation "
         "perplexity of the base LM with its attention matmuls in each arithmetic: (5) L-Mul on bf16 mantissas "
         "(m=7) at most 1.01x exact fp32 attention; (6) L-Mul m=3 at most 1.01x fp8 e5m2 attention; (7) L-Mul "
-        "m=4 at most 1.01x fp8 e4m3 attention. fp8 operands use a per-tensor power-of-two scale."
+        "m=4 at most 1.01x fp8 e4m3 attention. fp8 operands use a per-tensor power-of-two scale. Each "
+        "comparison must hold beyond the 95% paired bootstrap interval: over 200 chunks of the operand pairs "
+        "for errors, over validation sequences (mean NLL) for perplexities. (5-7) are decided only when L-Mul "
+        "with a 1-bit mantissa raises perplexity by more than 1% beyond that interval (else undecidable)."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 2410.00907: abstract and §1 (contributions: 4-bit-mantissa L-Mul comparable to fp8 e4m3, "
+            "3-bit better than e5m2), §3 (the L-Mul formula and its precision and cost analysis), §4 (L-Mul "
+            "applied to the attention of Llama-3.1-8B-Instruct and Mistral-7B, nearly identical to bf16)"),
 )
 
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ('model', 'corpus')
 SUBSTRATE = ('base-lm',)
+SEED_VARIES = ("the standard-normal operand pairs, which attention operand pairs are sampled (positions, heads, "
+               "dimensions) and the shuffle that groups pairs into chunks; the LM and its validation sequences "
+               "are the same for every seed")
 
 SCALES = {
     "smoke": {"gaussian_pairs": 20_000, "operand_sequences": 1, "operand_pairs": 20_000, "eval_sequences": 2,
@@ -96,6 +160,28 @@ def error_statistics(approx: torch.Tensor, exact: torch.Tensor) -> dict:
             "mean_signed_relative_error": rel.mean().item(), "pairs": int(keep.sum())}
 
 
+def _products(x: torch.Tensor, y: torch.Tensor, x_rounded: dict, y_rounded: dict, a: str) -> torch.Tensor:
+    return simulated_multiply(x, y, a) if a.startswith("l-mul") else x_rounded[a] * y_rounded[a]
+
+
+def chunked_errors(x: torch.Tensor, y: torch.Tensor, x_rounded: dict, y_rounded: dict,
+                   generator: torch.Generator, chunks: int = CHUNKS) -> dict[str, list[float]]:
+    """Mean relative error of every arithmetic over `chunks` chunks of the same shuffled pairs (paired items).
+
+    Pairs whose exact product is zero are left out, as in `error_statistics`.
+    """
+    exact = x.double() * y.double()
+    keep = (exact != 0).nonzero().squeeze(1)
+    order = keep[torch.randperm(len(keep), generator=generator)]
+    groups = np.array_split(np.arange(len(order)), min(chunks, len(order)))
+    out = {}
+    for a in ELEMENTWISE:
+        rel = ((_products(x, y, x_rounded, y_rounded, a).double()[order] - exact[order]) / exact[order].abs()).abs()
+        rel = rel.numpy()
+        out[a] = item_list([rel[g].mean() for g in groups])
+    return out
+
+
 def elementwise_table(x: torch.Tensor, y: torch.Tensor, x_rounded: dict, y_rounded: dict) -> dict:
     """Statistics for every arithmetic on the pairs (x, y); x_rounded[a] holds x as fp8/bf16 sees it.
 
@@ -105,8 +191,7 @@ def elementwise_table(x: torch.Tensor, y: torch.Tensor, x_rounded: dict, y_round
     exact = x.double() * y.double()
     table = {}
     for a in ELEMENTWISE:
-        approx = simulated_multiply(x, y, a) if a.startswith("l-mul") else x_rounded[a] * y_rounded[a]
-        table[a] = error_statistics(approx, exact)
+        table[a] = error_statistics(_products(x, y, x_rounded, y_rounded, a), exact)
     return table
 
 
@@ -169,6 +254,7 @@ def run(ctx: RunContext) -> Outcome:
     y = torch.randn(s["gaussian_pairs"], generator=generator)
     rounded = {side: {a: round_operand(v, a) for a in ELEMENTWISE if not a.startswith("l-mul")} for side, v in (("x", x), ("y", y))}
     elementwise = {"gaussian": elementwise_table(x, y, rounded["x"], rounded["y"])}
+    chunks = {"gaussian": chunked_errors(x, y, rounded["x"], rounded["y"], generator)}
     histograms = {a: signed_histogram(x, y, simulated_multiply(x, y, a) if a.startswith("l-mul")
                                       else rounded["x"][a] * rounded["y"][a]) for a in ELEMENTWISE}
     exact = x.double() * y.double()
@@ -188,21 +274,27 @@ def run(ctx: RunContext) -> Outcome:
     both_rounded = {side: {a: torch.cat([pairs["qk"][side][a], pairs["pv"][side][a]]) for a in pairs["qk"][side]}
                     for side in ("x_rounded", "y_rounded")}
     elementwise["attention"] = elementwise_table(both["x"], both["y"], both_rounded["x_rounded"], both_rounded["y_rounded"])
+    chunks["attention"] = chunked_errors(both["x"], both["y"], both_rounded["x_rounded"], both_rounded["y_rounded"],
+                                         generator)
 
     # 3. perplexity with the attention matmuls in each arithmetic
     blocks = val[s["operand_sequences"]: s["operand_sequences"] + s["eval_sequences"]]  # not the operand sequences
-    own = evaluate(model, blocks)
-    perplexity, seconds = {}, {}
+    own = measure(model, blocks)["sequence_loss"]
+    perplexity, seconds, nll = {}, {}, {}
     for a in IN_ATTENTION:
         start = time.perf_counter()
         with attention_arithmetic(model, a):
-            perplexity[a] = evaluate(model, blocks)["perplexity"]
+            per_sequence = measure(model, blocks)["sequence_loss"]
         seconds[a] = time.perf_counter() - start
+        perplexity[a] = math.exp(per_sequence.double().mean().item())
+        nll[a] = item_list(per_sequence)
     metrics = {
         "elementwise": elementwise,
+        "elementwise_chunks": chunks,
+        "sequence_nll": nll,
         "mantissa_sweep": sweep,
         "histograms": {"range": HISTOGRAM_RANGE, "density": histograms},
-        "model_perplexity": own["perplexity"],  # the model's own attention: must equal perplexity["exact"]
+        "model_perplexity": math.exp(own.double().mean().item()),  # must equal perplexity["exact"]
         "perplexity": perplexity,
         "perplexity_ratio_to_exact": {a: v / perplexity["exact"] for a, v in perplexity.items()},
         "eval_tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
@@ -239,12 +331,13 @@ def plot(fig, m: dict) -> None:
                 title="Error distribution, normal operands")
     hist_ax.legend(fontsize=7)
 
-    names = [a for a in m["perplexity"] if a != "exact"]
+    names = [a for a in m["perplexity"] if a not in ("exact", SENSITIVITY_PROBE)]
     change = [100 * (m["perplexity_ratio_to_exact"][a] - 1) for a in names]
     ppl_ax.bar(range(len(names)), change, color=[COLOURS[a] for a in names])
     ppl_ax.axhline(100 * (LOSSLESS - 1), color="black", lw=0.8, ls="--", label=f"{LOSSLESS}x ('almost lossless')")
     ppl_ax.axhline(0, color="black", lw=0.8)
     ppl_ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
     ppl_ax.set(ylabel="perplexity change vs exact attention (%)",
-               title=f"Base LM (exact ppl {m['perplexity']['exact']:.1f})")
+               title=f"Base LM (exact ppl {m['perplexity']['exact']:.1f}; "
+                     f"{SENSITIVITY_PROBE}: {100 * (m['perplexity_ratio_to_exact'].get(SENSITIVITY_PROBE, 1) - 1):+.1f}%)")
     ppl_ax.legend(fontsize=7)

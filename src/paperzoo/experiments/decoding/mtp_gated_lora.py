@@ -17,6 +17,30 @@ whether the output is token-for-token the greedy output. Timing runs on one CPU
 thread: on a shared 2-core machine two OpenMP threads stall whenever another process
 takes a core, which made passes up to ten times slower and timings erratic. Fine-tuning
 runs on one thread for the same reason.
+
+Wall-clock speed-up is reported, not checked: the paper's figures are tokens per
+generation step (its "speedup" is the mean number of tokens each step emits), and on a
+one-thread CPU a pass that reads (c + 1)(k + 1) tokens through LoRA-adapted layers
+costs far more than a one-token step, which a memory-bound GPU would not show.
+
+Preconditions: the MTP fine-tune learns in both domains (mean loss over the last tenth
+of the steps below 90% of the first tenth's). Margins: tokens per pass is measured per
+prompt, and a domain passes only when the bootstrap interval over prompts of its mean
+lies above the target.
+
+Set-up hyper-parameters (k, LoRA rank and alpha, steps, learning rate, anchors per
+block) were set when the experiment was written, from the fine-tuning loss and CPU
+time, before any decoding was measured; they are unchanged here.
+
+Earlier predicate (until issue 9): "(1) reproduces greedy decoding token for token on
+>= 98% of prompts, for linear and quadratic verification; (2) emits >= 4 tokens per
+forward pass on reasoning and (3) >= 2 on prose (ratios of sums over prompts); (4-5)
+is faster than greedy_decode in wall-clock time on both (one CPU thread, same run,
+interleaved)." Verdict at `small`, seed 0: not reproduced (exact output; 3.5 tokens
+per pass on reasoning and 1.6 on prose; no wall-clock gain on the CPU). Checks 4-5
+were dropped because the paper claims tokens per step, not CPU wall-clock time (they
+are still measured and reported); (2-3) now need the bootstrap interval over prompts
+above the target.
 """
 
 from __future__ import annotations
@@ -30,6 +54,7 @@ import torch
 
 from paperzoo.core import reasoning
 from paperzoo.core.experiment import Claim, Outcome, RunContext
+from paperzoo.core.margins import bootstrap_mean
 from paperzoo.core.training import TrainConfig, single_thread, token_blocks
 from paperzoo.decoding import greedy_decode
 from paperzoo.decoding.mtp_gated_lora import (
@@ -44,6 +69,19 @@ DOMAINS = ("reasoning", "prose")
 PAPER_SPEEDUP = {"reasoning": 5.0, "prose": 2.5}  # "nearly 5x" on math and code, "almost 2.5x" on chat
 TOKENS_PER_PASS_TARGET = {"reasoning": 4.0, "prose": 2.0}  # 80% of the paper's figures
 IDENTICAL_TARGET = 0.98
+LEARNS = 0.9  # the fine-tune learns: late loss below this share of the early loss
+
+
+def _learns(loss: list[float]) -> bool | None:
+    n = max(1, len(loss) // 10)
+    if len(loss) < 2 * n:
+        return None
+    return float(np.mean(loss[-n:])) < LEARNS * float(np.mean(loss[:n]))
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    return {f"{d}: the MTP fine-tune learns (mean loss over the last tenth of steps below {LEARNS:.0%} of the "
+            "first tenth's)": _learns(m["training"][d]["train_loss"]) for d in DOMAINS}
 
 
 def checks(m: dict) -> dict[str, bool | None]:
@@ -51,12 +89,10 @@ def checks(m: dict) -> dict[str, bool | None]:
     return {
         f"outputs equal greedy decoding on >= {IDENTICAL_TARGET:.0%} of prompts (both domains, both strategies)":
             all(m["domains"][d][s]["identical_share"] >= IDENTICAL_TARGET for d in DOMAINS for s in STRATEGIES),
-        "reasoning: >= 4 tokens per forward pass (paper: nearly 5x on math)":
-            q["reasoning"]["tokens_per_pass"] >= TOKENS_PER_PASS_TARGET["reasoning"],
-        "prose: >= 2 tokens per forward pass (paper: almost 2.5x on chat)":
-            q["prose"]["tokens_per_pass"] >= TOKENS_PER_PASS_TARGET["prose"],
-        "reasoning: faster than greedy_decode in wall-clock time": q["reasoning"]["speedup"] > 1.0,
-        "prose: faster than greedy_decode in wall-clock time": q["prose"]["speedup"] > 1.0,
+        "reasoning: >= 4 tokens per forward pass beyond the bootstrap interval over prompts (paper: nearly 5x on math)":
+            bootstrap_mean(q["reasoning"]["tokens_per_pass_per_prompt"]).above(TOKENS_PER_PASS_TARGET["reasoning"]),
+        "prose: >= 2 tokens per forward pass beyond the bootstrap interval over prompts (paper: almost 2.5x on chat)":
+            bootstrap_mean(q["prose"]["tokens_per_pass_per_prompt"]).above(TOKENS_PER_PASS_TARGET["prose"]),
     }
 
 
@@ -74,10 +110,14 @@ CLAIM = Claim(
         "decoding token for token on >= 98% of prompts, for linear and quadratic verification (the margin allows "
         "floating-point near-ties); (2) emits >= 4 tokens per forward pass on reasoning and (3) >= 2 on prose (80% "
         "of the paper's 5x and 2.5x, read as tokens per generation step: the speed-up when a pass costs the same "
-        "whatever its length, as on a memory-bound GPU); (4-5) is faster than greedy_decode in wall-clock time on "
-        "both (one CPU thread, same run, interleaved)."
+        "whatever its length, as on a memory-bound GPU), each with the 95% bootstrap interval over prompts above "
+        "the target. Wall-clock speed-ups on the CPU are reported, not checked."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 2507.11851, abstract and the results on speed-up (tokens generated per step with quadratic "
+            "decoding: nearly 5x on code and math, almost 2.5x on chat and knowledge tasks, no loss in quality); "
+            "no official code was found"),
 )
 
 # Fine-tuning (k mask tokens, LoRA rank/alpha, steps, batch, block length, mask blocks per block, lr, LCM weight)
@@ -89,6 +129,9 @@ _LARGE = {"k": 8, "rank": 32, "alpha": 64.0, "seq_len": 128, "anchors": None, "l
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ('model', 'corpus')
 SUBSTRATE = ('base-lm', 'reasoner')
+SEED_VARIES = ("the initialisation of the LoRA matrices, mask embeddings and sampler, the anchors of the mask blocks "
+               "and the order of the training batches, the held-out problems, and which validation documents give "
+               "the prose prompts")
 
 SCALES = {
     "smoke": {"reasoning": {**_SMOKE, "prompts": 2, "max_new_tokens": 12, "train_texts": 200},
@@ -146,9 +189,10 @@ def compare(model, mtp, tokenizer, prompts: list[str], max_new_tokens: int, veri
         accepted = [a for r in rs for a in r["accepted_per_pass"]]
         out[strategy] = {
             "tokens_per_pass": tokens / passes,
+            "tokens_per_pass_per_prompt": [round(r["tokens"] / r["passes"], 5) for r in rs],
             "acceptance_rate": sum(r["accepted"] for r in rs) / max(1, sum(r["proposed"] for r in rs)),
             "identical_share": float(np.mean([r["identical"] for r in rs])),
-            "speedup": out["greedy_seconds"] / seconds,
+            "speedup": out["greedy_seconds"] / seconds,  # reported, not checked
             "seconds": seconds,
             "passes": passes,
             "tokens": tokens,
