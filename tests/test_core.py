@@ -125,6 +125,40 @@ def test_load_causal_lm_refuses_bad_input(tmp_path):
         load_causal_lm(str(tmp_path / "pickled"))
 
 
+def test_load_causal_lm_messages_say_what_is_wrong(smoke_lm, tmp_path, monkeypatch):
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(ModelLoadError, match="has no usable tokenizer .* save one beside the weights$"):
+        load_causal_lm(str(tmp_path / "no-tokenizer"))
+    small = tiny("llama")  # fewer embedding rows than the tokenizer has tokens
+    assert small.get_input_embeddings().num_embeddings < len(smoke_lm.tokenizer)
+    small.save_pretrained(tmp_path / "small-vocab")
+    smoke_lm.tokenizer.save_pretrained(tmp_path / "small-vocab")
+    with pytest.raises(ModelLoadError, match="embeds .* tokens but its tokenizer has"):
+        load_causal_lm(str(tmp_path / "small-vocab"))
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)  # 'models/typo' is a local typo, not a hub id: no network wait
+    with pytest.raises(ModelLoadError, match="model directory not found: models/typo"):
+        load_causal_lm("models/typo")
+
+
+def test_a_text_without_blank_lines_still_splits(tmp_path):
+    (tmp_path / "one-line.txt").write_text("word " * 200_000)
+    corpus = load_corpus(tmp_path / "one-line.txt")
+    assert corpus.train and corpus.validation
+    (tmp_path / "tiny.txt").write_text("too short")
+    with pytest.raises(CorpusError, match="too small .* to hold out validation text"):
+        load_corpus(tmp_path / "tiny.txt")
+
+
+def test_nan_weights_are_not_blamed_on_the_learning_rate():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="weights hold NaN"):
+        train(model, torch.zeros(4, 8, dtype=torch.long), TrainConfig(steps=1, batch_size=2, seq_len=8, lr=1e-3))
+
+
 def test_decoder_layers_found_for_gpt2_and_llama():
     assert decoder_layers(tiny("gpt2"))[0] == "transformer.h"
     assert decoder_layers(tiny("llama"))[0] == "model.layers"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import ARCHS, tiny
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from paperzoo.core.models import TinyLMConfig
 from paperzoo.core.reasoning import RESERVED, reasoning_tokenizer
@@ -251,6 +251,9 @@ def test_bad_input_is_rejected():
     model, tok = reasoning_lm()
     with pytest.raises(ValueError, match="strategy"):
         mtp_decode(attach(model, tok, MTPConfig(k=2, rank=2)), tok, "hi", 4, strategy="cubic")
+    for bad in ({"k": 0}, {"rank": 0}, {"alpha": 0.0}, {"lora_dropout": 1.0}, {"lcm_weight": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MTPConfig(**bad)
 
 
 def test_fine_tuning_on_a_predictable_language_gives_many_tokens_per_pass():
@@ -274,16 +277,124 @@ def test_fine_tuning_on_a_predictable_language_gives_many_tokens_per_pass():
 
 
 def test_predicate_by_hand():
-    from paperzoo.experiments.decoding.mtp_gated_lora import checks
+    from paperzoo.experiments.decoding.mtp_gated_lora import checks, preconditions
 
-    def domain(tpp, speedup, identical=1.0):
-        row = {"tokens_per_pass": tpp, "speedup": speedup, "identical_share": identical}
+    def domain(per_prompt, identical=1.0):
+        row = {"tokens_per_pass_per_prompt": per_prompt, "identical_share": identical, "speedup": 0.5}
         return {"linear": dict(row), "quadratic": dict(row)}
 
-    m = {"domains": {"reasoning": domain(4.0, 1.01), "prose": domain(2.0, 1.5)}}
-    assert list(checks(m).values()) == [True, True, True, True, True]
-    m = {"domains": {"reasoning": domain(3.99, 1.0), "prose": domain(1.99, 0.9, identical=0.97)}}
-    assert list(checks(m).values()) == [False, False, False, False, False]
-    m = {"domains": {"reasoning": domain(5.0, 2.0), "prose": domain(3.0, 2.0)}}
+    m = {"domains": {"reasoning": domain([4.5, 4.8, 5.0, 4.6, 4.9]), "prose": domain([2.2, 2.4, 2.3, 2.5])},
+         "training": {"reasoning": {"train_loss": [5.0] * 10 + [2.0] * 10}, "prose": {"train_loss": [5.0] * 20}}}
+    assert list(checks(m).values()) == [True, True, True]  # wall-clock (0.5x) is no check
+    assert list(preconditions(m).values()) == [True, False]  # prose loss never fell
+    m["domains"]["reasoning"] = domain([4.1, 3.0, 5.5, 3.9, 4.2])  # mean 4.14: not beyond the interval
+    m["domains"]["prose"] = domain([2.2, 2.4, 2.3, 2.5], identical=0.97)
+    assert list(checks(m).values()) == [False, False, True]
     m["domains"]["prose"]["linear"]["identical_share"] = 0.5  # linear verification must be exact too
-    assert list(checks(m).values()) == [False, True, True, True, True]
+    m["domains"]["prose"]["quadratic"]["identical_share"] = 1.0
+    assert list(checks(m).values())[0] is False
+
+
+def test_each_draft_is_conditioned_on_the_draft_before_it():
+    """s(z_j, e(y_{j-1})): draft j reads the previous draft, not the bonus token every time."""
+    _, mtp = gated_tiny("llama", k=4)  # perturbed sampler: e(prev) moves its output
+    z = torch.randn(4, 32, generator=torch.Generator().manual_seed(3)) * 3
+    bonus = 7
+    with torch.no_grad():
+        got = mtp.propose(z, bonus)
+        prev, want = bonus, []
+        for j in range(4):
+            prev = int(mtp.sampler_logits(z[j], torch.tensor(prev)).argmax())
+            want.append(prev)
+        always_bonus = [int(mtp.sampler_logits(z[j], torch.tensor(bonus)).argmax()) for j in range(4)]
+    assert got == want
+    assert always_bonus != want  # so a sampler that always read the bonus token would be told apart
+
+
+@pytest.mark.parametrize("strategy", ["linear", "quadratic"])
+def test_decoding_hands_the_sampler_the_bonus_token_then_its_own_drafts(strategy):
+    """The drafter of each pass starts from the pass's bonus token, the last token of the output so far."""
+    model, tok = reasoning_lm()
+    mtp = perturb(attach(copy.deepcopy(model), tok, MTPConfig(k=3, rank=4)))
+    seen = []
+
+    def spy(z, prev, so_far):
+        seen.append((prev, so_far[-1]))
+        return mtp.propose(z, prev)
+
+    got = mtp_decode(mtp, tok, "Q: 12+34\n<think>", 16, strategy=strategy, propose=spy)
+    assert seen and all(prev == last for prev, last in seen)
+    assert got.tokens == mtp_decode(mtp, tok, "Q: 12+34\n<think>", 16, strategy=strategy).tokens
+
+
+def test_losses_by_hand_at_every_anchor():
+    """Mask (a, j): CE towards x[a+1+j]; sampler fed x[a+j]; LCM towards the NTP latent at position a + j."""
+    _, mtp = gated_tiny("llama", k=3)
+    x, T, k = IDS[:1, :8], 8, 3
+    from paperzoo.decoding.mtp_gated_lora import attention_mask_4d
+
+    losses = mtp_losses(mtp, x)  # anchors=None: every anchor 0 .. T - 3, in order
+    b = mtp_batch(mtp, x)
+    with torch.no_grad():
+        out = mtp(b["input_ids"], gate=b["gate"], position_ids=b["position_ids"],
+                  attention_mask=attention_mask_4d(b["allowed"], mtp.base))
+        z, logits = out.z[0], out.logits[0]
+        lcm, ce, ce_s = [], [], []
+        for slot, a in enumerate(range(T - 2)):
+            for j in range(1, k + 1):
+                if a + 1 + j >= T:
+                    continue
+                at = T + slot * k + j - 1
+                target = x[0, a + 1 + j : a + 2 + j]
+                lcm.append(((z[at] - z[a + j]) ** 2).mean())
+                ce.append(torch.nn.functional.cross_entropy(logits[at : at + 1], target))
+                ce_s.append(torch.nn.functional.cross_entropy(mtp.sampler_logits(z[at : at + 1], x[0, a + j : a + j + 1]),
+                                                              target))
+    assert losses["lcm"].item() == pytest.approx(torch.stack(lcm).mean().item(), rel=1e-4)
+    assert losses["ce_mask"].item() == pytest.approx(torch.stack(ce).mean().item(), rel=1e-4)
+    assert losses["ce_sampler"].item() == pytest.approx(torch.stack(ce_s).mean().item(), rel=1e-4)
+    # the LCM target one position off either way is another number: the test tells them apart
+    off = [((z[T + s * k + j - 1] - z[a + j + d]) ** 2).mean() for d in (-1, 1)
+           for s, a in enumerate(range(T - 2)) for j in range(1, k + 1) if a + 1 + j < T]
+    assert abs(torch.stack(off).mean().item() - losses["lcm"].item()) > 1e-3
+
+
+def tiny_opt(vocab: int = 64, seed: int = 0):
+    """OPT: learned positions, and feed-forward layers that flatten the batch to [B * N, d]."""
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64,
+                                    word_embed_proj_dim=32)).eval()
+
+
+def test_opt_is_supported():
+    base = tiny_opt()
+    mtp = perturb(GatedMTP(copy.deepcopy(base), MASKS, MTPConfig(k=4, rank=4)))
+    ids = torch.cat([IDS, torch.tensor([MASKS] * 2)], dim=1)
+    gate = torch.zeros(ids.shape)
+    gate[:, IDS.shape[1]:] = 1
+    with torch.no_grad():
+        assert torch.equal(mtp(IDS).logits, base(input_ids=IDS).logits)  # closed gate: the base, bit for bit
+        out = mtp(ids, gate=gate)
+        assert torch.allclose(out.logits[:, : IDS.shape[1]], base(input_ids=IDS).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(out.logits[:, -4:], base(input_ids=ids).logits[:, -4:], atol=1e-3)
+    tok = reasoning_tokenizer()
+    model = tiny_opt(len(tok))
+    mtp = perturb(attach(copy.deepcopy(model), tok, MTPConfig(k=3, rank=4)))
+    losses = mtp_losses(mtp, torch.randint(11, len(tok), (2, 12)), anchors=4)
+    losses["loss"].backward()  # trains through OPT's flattened layers
+    for strategy in ("linear", "quadratic"):
+        for prompt in ("Q: 12+34\n<think>", "hello"):
+            assert mtp_decode(mtp, tok, prompt, 16, strategy=strategy).tokens == greedy_decode(model, tok, prompt, 16).tokens
+
+
+def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit():
+    model, tok = reasoning_lm()
+    mtp = attach(copy.deepcopy(model), tok, MTPConfig(k=3, rank=2))
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"has {limit}"):
+        mtp_decode(mtp, tok, "Q: " + "1+" * limit + "1\n<think>", 8)
+    with pytest.raises(ValueError, match="look-ahead"):  # the last block's k masks need positions too
+        mtp_decode(mtp, tok, "hello", limit - 5 - 1)
+    with pytest.raises(ValueError, match="shorter blocks"):
+        train_mtp(mtp, torch.zeros(2, limit, dtype=torch.long), TrainConfig(steps=1, batch_size=1, seq_len=limit, lr=1e-3))

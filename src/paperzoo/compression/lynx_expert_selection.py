@@ -86,12 +86,29 @@ from paperzoo.core.models import decoder_layers
 _MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class LynxConfig:
     num_kept: int | None = None  # m: at most this many experts per layer and decode step (None: no cap)
     affinity_margin: float = math.log(2)  # delta: log p_e - log p_top1 >= -delta makes an assignment critical
     protect_critical: bool = False  # the paper's less lossy variant: critical assignments always kept
     layers: tuple[int, ...] | None = None  # decoder-layer indices to reduce (None: every MoE layer)
+
+    def __post_init__(self):
+        if self.num_kept is not None and (not _is_int(self.num_kept) or self.num_kept < 1):
+            raise ValueError(f"num_kept must be None or an integer >= 1 (experts kept per step), got {self.num_kept!r}")
+        if isinstance(self.affinity_margin, bool) or not isinstance(self.affinity_margin, (int, float)) \
+                or not self.affinity_margin >= 0:
+            raise ValueError(f"affinity_margin must be a number >= 0 (inf keeps every assignment critical), "
+                             f"got {self.affinity_margin!r}")
+        if not isinstance(self.protect_critical, bool):
+            raise ValueError(f"protect_critical must be True or False, got {self.protect_critical!r}")
+        if self.layers is not None and (isinstance(self.layers, (str, bytes))
+                                        or not all(_is_int(i) and i >= 0 for i in self.layers)):
+            raise ValueError(f"layers must be None or decoder-layer indices (integers >= 0), got {self.layers!r}")
 
 
 @dataclass
@@ -160,11 +177,8 @@ def lynx_selection(p: torch.Tensor, k: int, config: LynxConfig, normalize: bool 
     if p.dim() != 3:
         raise ValueError(f"router probabilities must be [steps, batch, experts], got shape {tuple(p.shape)}")
     G, B, N = p.shape
+    _check_k(k, N)
     m = config.num_kept
-    if m is not None and not 1 <= m:
-        raise ValueError(f"num_kept must be a positive number of experts, got {m}")
-    if not config.affinity_margin >= 0:
-        raise ValueError(f"affinity_margin must be >= 0, got {config.affinity_margin}")
     top_p, top_i = p.topk(k, dim=-1)  # [G, B, k], rank 0 = the token's top-1
     # c_{t,e}: log p_{t,e} - log p_{t,top1} >= -delta, tested without logs; always true at rank 0
     critical = top_p >= top_p[..., :1] * math.exp(-config.affinity_margin)
@@ -181,8 +195,38 @@ def lynx_selection(p: torch.Tensor, k: int, config: LynxConfig, normalize: bool 
     return Selection(indices, weights, kept)
 
 
+def _check_k(k, num_experts: int) -> None:
+    if not _is_int(k) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an integer from 1 to the {num_experts} experts, got {k!r}")
+
+
+def matched_random_selection(p: torch.Tensor, k: int, config: LynxConfig, generator: torch.Generator,
+                             normalize: bool = True) -> Selection:
+    """Random expert dropping at Lynx's budget: the control with the same number of experts per step.
+
+    At each step, as many experts as Lynx would keep (`config`) are drawn uniformly from those the
+    batch's tokens request (the union of their top-k), and every token is routed top-k inside them,
+    exactly as Lynx re-routes. Lynx's kept set is always a subset of the requested experts, and every
+    kept expert then receives a token in both policies, so the distinct experts per step are equal;
+    only *which* experts are kept differs: router confidence against chance.
+    """
+    if config.protect_critical:
+        raise ValueError("matched_random_selection matches Lynx's kept-set size, which protect_critical=True "
+                         "exceeds; use protect_critical=False")
+    lynx = lynx_selection(p, k, config, normalize)
+    G, B, N = p.shape
+    sizes = lynx.kept.sum(-1)  # [G]
+    requested = torch.zeros(G, N, dtype=torch.bool).scatter_(-1, p.topk(k, dim=-1).indices.reshape(G, -1), True)
+    draw = torch.rand(G, N, generator=generator).masked_fill(~requested, -1.0)  # requested experts sort first
+    rank = draw.argsort(-1, descending=True).argsort(-1)
+    kept = requested & (rank < sizes[:, None])
+    indices, weights = _route(p, kept[:, None, :].expand(G, B, N), k, normalize)
+    return Selection(indices, weights, kept)
+
+
 def static_top_k_selection(p: torch.Tensor, k: int, normalize: bool = True) -> Selection:
     """The static baseline: every token keeps only its own top-k experts (e.g. top-1), batch-blind."""
+    _check_k(k, p.shape[-1])
     top_p, top_i = p.topk(k, dim=-1)
     if normalize:
         top_p = top_p / top_p.sum(-1, keepdim=True)
@@ -220,8 +264,10 @@ class ExpertSelection:
 
     def __init__(self, model: nn.Module, policy: Policy, layers: tuple[int, ...] | None = None,
                  prefill_tokens: int | None = None, track: bool = True, record: bool = False):
-        if prefill_tokens is not None and prefill_tokens < 0:
-            raise ValueError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
+        if prefill_tokens is not None and (not _is_int(prefill_tokens) or prefill_tokens < 0):
+            raise ValueError(f"prefill_tokens must be None or an integer >= 0, got {prefill_tokens!r}")
+        if not callable(policy):
+            raise ValueError(f"policy must be callable as policy(p, k, normalize), got {type(policy).__name__}")
         moe = moe_layers(model)
         available = [m.index for m in moe]
         if layers is not None and not set(layers) <= set(available):
@@ -322,17 +368,36 @@ class ExpertSelection:
 def apply_lynx(model: nn.Module, config: LynxConfig = LynxConfig(), prefill_tokens: int | None = None,
                track: bool = True, record: bool = False) -> ExpertSelection:
     """Install Lynx on `model`'s decode steps (see `ExpertSelection` for `prefill_tokens`)."""
+    if not isinstance(config, LynxConfig):
+        raise ValueError(f"config must be a LynxConfig, got {type(config).__name__}")
+
     def policy(p, k, normalize):
         return lynx_selection(p, k, config, normalize)
     return ExpertSelection(model, policy, config.layers, prefill_tokens, track=track, record=record)
+
+
+def apply_matched_random(model: nn.Module, config: LynxConfig = LynxConfig(), seed: int = 0,
+                         prefill_tokens: int | None = None, track: bool = True) -> ExpertSelection:
+    """Install the matched random-dropping control (`matched_random_selection`) on `model`'s decode steps."""
+    if not isinstance(config, LynxConfig):
+        raise ValueError(f"config must be a LynxConfig, got {type(config).__name__}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if config.protect_critical:
+        raise ValueError("the matched random control needs protect_critical=False (see matched_random_selection)")
+    generator = torch.Generator().manual_seed(seed)
+
+    def policy(p, k, normalize):
+        return matched_random_selection(p, k, config, generator, normalize)
+    return ExpertSelection(model, policy, config.layers, prefill_tokens, track=track)
 
 
 def apply_static_top_k(model: nn.Module, k: int, layers: tuple[int, ...] | None = None,
                        prefill_tokens: int | None = None, track: bool = True) -> ExpertSelection:
     """The static baseline: top-`k` per token at decode steps (k below the model's own), whatever the batch."""
     top_k = {m.top_k for m in moe_layers(model)}
-    if not 1 <= k <= min(top_k):
-        raise ValueError(f"static k must be between 1 and the model's top-k {min(top_k)}, got {k}")
+    if not _is_int(k) or not 1 <= k <= min(top_k):
+        raise ValueError(f"k must be an integer from 1 to the model's top-k {min(top_k)}, got {k!r}")
     if k < min(top_k) and prefill_tokens not in (None, 0):
         # k changes the routing tensors' width, which must be uniform over one forward's tokens
         def policy(p, model_k, normalize):
@@ -354,6 +419,9 @@ def compress(model: nn.Module, config: LynxConfig = LynxConfig(), inplace: bool 
     """
     import copy
 
+    if not isinstance(config, LynxConfig):
+        raise ValueError(f"config must be a LynxConfig, got {type(config).__name__}")
+    moe_layers(model)  # refuse a dense model before copying it
     model = model if inplace else copy.deepcopy(model)
     handle = apply_lynx(model, config)
     return Compressed(model, {
@@ -365,3 +433,95 @@ def compress(model: nn.Module, config: LynxConfig = LynxConfig(), inplace: bool 
         "protect_critical": config.protect_critical,
         "size_ratio": 1.0,  # no weight is removed: the reduction happens per decode step
     })
+
+
+# ---------------------------------------------------------------------------------------------
+# A small trained MoE to run Lynx on (paperzoo's base LMs are dense); a shared, cached substrate.
+
+
+@dataclass(frozen=True)
+class TinyMoEConfig:
+    """A Mixtral-style decoder (top-k softmax router, load-balancing loss) sized for a CPU."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_experts: int = 8
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+    max_seq_len: int = 128
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_experts", "top_k",
+                     "max_seq_len"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"TinyMoEConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"TinyMoEConfig.hidden_size {self.hidden_size} must be divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"TinyMoEConfig.top_k must be at most num_experts ({self.num_experts}), got {self.top_k}")
+        if not 0 <= self.aux_loss_coef < math.inf:
+            raise ValueError(f"TinyMoEConfig.aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef!r}")
+
+    def build(self, vocab_size: int) -> nn.Module:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads, num_key_value_heads=self.num_heads,
+            num_local_experts=self.num_experts, num_experts_per_tok=self.top_k, max_position_embeddings=self.max_seq_len,
+            router_aux_loss_coef=self.aux_loss_coef, output_router_logits=True,  # the load-balancing loss trains
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0))
+
+
+def trained_tiny_moe(lm, config: TinyMoEConfig, train_config, seed: int = 0, name: str = "moe-lm"):
+    """A tiny MoE trained on `lm`'s tokenizer and training corpus, cached; a `LanguageModel` on the same corpus.
+
+    `lm` is a `paperzoo.core.models.LanguageModel` (a dense base LM: only its tokenizer and
+    corpus are used) and `train_config` a `paperzoo.core.training.TrainConfig` whose
+    ``seq_len`` is at most ``config.max_seq_len``. Trained on first use (with a progress
+    bar) and cached under the hash of everything that fixes the weights; every load is
+    noted as substrate, so a run's record carries the MoE's card.
+    """
+    import time
+    from dataclasses import asdict
+
+    from transformers import MixtralForCausalLM
+
+    from paperzoo.core import store
+    from paperzoo.core.models import LanguageModel, load_trained, save_trained
+    from paperzoo.core.training import TrainConfig, train
+
+    if not isinstance(config, TinyMoEConfig):
+        raise ValueError(f"config must be a TinyMoEConfig, got {type(config).__name__}")
+    if not isinstance(train_config, TrainConfig):
+        raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if train_config.seq_len > config.max_seq_len:
+        raise ValueError(f"train_config.seq_len must be at most config.max_seq_len ({config.max_seq_len}), "
+                         f"got {train_config.seq_len}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    tokenizer = lm.tokenizer
+    key = store.stable_hash(["moe-lm-v2", asdict(config), asdict(train_config), seed, lm.corpus.fingerprint,
+                             tokenizer.backend_tokenizer.to_str()])
+    path = store.home() / "models" / f"{name}-{key}"
+
+    def build(tmp) -> None:
+        torch.manual_seed(seed)
+        model = config.build(len(tokenizer))
+        start = time.perf_counter()
+        history = train(model, lm.blocks("train", train_config.seq_len), train_config,
+                        val_blocks=lm.blocks("validation", train_config.seq_len)[:64],
+                        desc=f"training the tiny MoE LM {name} (cached afterwards)", seed=seed)
+        record = {"config": asdict(config), "train": asdict(train_config), "seed": seed, "corpus": lm.corpus.name,
+                  "train_seconds": time.perf_counter() - start,
+                  "card": {"architecture": f"Mixtral-style MoE, {config.num_experts} experts, top-{config.top_k}"},
+                  **history}
+        save_trained(tmp, model, tokenizer, record)
+
+    model, saved_tokenizer, record = load_trained(store.cached_dir(path, build), model_class=MixtralForCausalLM)
+    model.config.output_router_logits = False  # the auxiliary loss is for training only
+    return LanguageModel(f"paperzoo {name} ({path.name})", model, saved_tokenizer or tokenizer, lm.corpus,
+                         train_config.seq_len, trained_here=True, record=record)

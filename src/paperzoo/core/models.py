@@ -189,7 +189,20 @@ def substrate_used():
 
 
 def _looks_local(name: str) -> bool:
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    """A path, not a hub id: it exists, starts like a path, has two slashes, or its first part is a local folder."""
+    first = name.split("/", 1)[0]
+    return (Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or ("/" in name and Path(first).is_dir()))
+
+
+def _one_sentence(e: Exception) -> str:
+    """The first sentence of a library's message, whole (messages that span lines are joined first)."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    end = text.find(". ")
+    text = text if end < 0 else text[: end + 1]
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def check_model_spec(name_or_path: str) -> None:
@@ -211,14 +224,12 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
     Only safetensors weights are read (a pickle can run code), and remote code runs
     only when the caller says so.
     """
-    local = Path(name_or_path).expanduser()
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not local.is_dir():
-        raise ModelLoadError(f"model directory not found: {name_or_path}")
+    check_model_spec(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        where = "" if _looks_local(name_or_path) else " (no local directory of that name either)"
+        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}{where}: {_one_sentence(e)}") from None
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = getattr(config, "architectures", None) or []
     if not trust_remote_code and (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -230,11 +241,19 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
         model, info = AutoModelForCausalLM.from_pretrained(
             name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(f"cannot load {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the weights of {name_or_path!r}: {_one_sentence(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception:
+        raise ModelLoadError(f"{name_or_path!r} has no usable tokenizer (tokenizer.json or tokenizer_config.json "
+                             "with its vocabulary); save one beside the weights") from None
     if info.get("missing_keys"):  # a randomly initialised head would give silently wrong results
         raise ModelLoadError(f"{name_or_path!r} lacks weights: {', '.join(sorted(info['missing_keys'])[:3])}")
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):  # token ids past the embedding table would fail deep inside a forward pass
+        raise ModelLoadError(f"{name_or_path!r} embeds {rows} tokens but its tokenizer has {len(tokenizer)}; "
+                             "they do not belong together")
     return model.eval(), tokenizer
 
 

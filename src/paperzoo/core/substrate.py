@@ -29,7 +29,14 @@ def _draft(scale: str) -> None:
     draft_reasoner(scale)
 
 
-BUILDERS: dict[str, Callable[[str], None]] = {"base-lm": _base_lm, "reasoner": _reasoner, "draft": _draft}
+def _moe_lm(scale: str) -> None:
+    from paperzoo.experiments.compression.lynx_expert_selection import moe_lm
+
+    moe_lm(scale)
+
+
+BUILDERS: dict[str, Callable[[str], None]] = {"base-lm": _base_lm, "reasoner": _reasoner, "draft": _draft,
+                                              "moe-lm": _moe_lm}
 
 
 def build(names: Iterable[str], scale: str) -> None:

@@ -1,67 +1,112 @@
-"""Reproduction of 2411.08982 (Lynx): fewer experts per decode step, little quality lost, lower latency.
+"""Reproduction of 2411.08982 (Lynx): fewer experts per decode step, little quality lost.
 
-paperzoo's base LMs are dense, so this experiment trains a tiny Mixtral-style MoE LM
-(8 experts, top-2, load-balancing loss) on the base LM's tokenizer and corpus, and
-caches it. Experts hold most of its weights, as in real MoE models. Then, at batch
-sizes 1, 4, 16 and 64, it compares three routings of the decode steps:
+paperzoo's base LMs are dense, so this experiment runs on a tiny Mixtral-style MoE LM
+(8 experts, top-2, load-balancing loss) trained on the base LM's tokenizer and corpus:
+the shared substrate ``moe-lm`` (`moe_lm`, built from ``SCALES`` and cached). Experts
+hold most of its weights, as in real MoE models. At batch sizes 1, 4, 16 and 64 it
+compares four routings of the decode steps:
 
 - full: the model's own top-2 routing;
-- Lynx: batch-aware selection, at most ``num_kept`` experts per layer and step;
-- static top-1: each token keeps only its top-1 expert, whatever the batch.
+- Lynx: batch-aware selection, at most ``num_kept`` experts per layer and step, chosen
+  by router confidence;
+- matched random: the control. At every step and layer it keeps exactly as many
+  experts as Lynx keeps there, drawn at random from those the batch requests, and
+  re-routes the same way (`matched_random_selection`). Distinct experts per step are
+  equal by construction, so the comparison isolates Lynx's choice of experts;
+- static top-1: each token keeps only its top-1 expert, whatever the batch (reported
+  for context; it touches a different number of experts).
 
 Quality is measured by *teacher-forced decoding*: validation sequences are cut into
 batches of B rows; the first ``prefill_tokens`` positions are prefill (full routing)
 and every later position is one decode step whose batch is the B rows at that
 position. This is exactly what lock-step generation with a KV cache computes (a test
 checks it), but it scores the reference continuation. Loss and next-token accuracy
-are taken over the predictions made by decode steps only.
+are taken per row over the predictions made by decode steps only, so every
+comparison is paired by row and judged by a bootstrap over rows
+(`paperzoo.core.margins`).
 
-Latency is the median wall time of one decode step (KV cache, after a prefill),
-measured for all three routings in the same run, interleaved, on one CPU thread.
-On a shared 2-core machine two threads stall whenever another process takes a core
-(each parallel region waits for the descheduled thread); one thread keeps the
-timings comparable. The default experts implementation of transformers
-(``grouped_mm``) is what the predicate uses; the eager per-expert loop is reported
-too.
+Latency is reported, not checked: the median wall time of one decode step (KV cache,
+after a prefill), for the routings in the same run, interleaved, on one CPU thread.
+Lynx's speed-up comes from reading fewer expert weights in memory-bound GPU decoding;
+a one-thread CPU running a 0.3M-parameter expert is not in that regime, so its timing
+says nothing about the claim.
+
+Preconditions: the MoE learned (its decode-position NLL under full routing is below
+the corpus unigram model's, beyond the bootstrap interval over rows), and batching
+activates more distinct experts per layer and decode step than Lynx keeps (the
+paper's premise; otherwise there is nothing to reduce). The cap (4 of 8) and the
+critical margin (ln 2) were fixed before any run; the MoE's size and training were
+set so that it learns (the first precondition) within about three minutes on one
+core, without looking at any routing's quality.
+
+Earlier predicate (until issue 9): (1) at batch 64 next-token accuracy drops by at
+most 1 point against full routing; (2) at batch 64 Lynx's decode perplexity is below
+static top-1 routing's; (3) one-thread CPU latency per decode step is at least 1.2x
+lower than full routing at the best batch size -- bare comparisons, one seed, no
+precondition. Verdict at `small`, seed 0: not reproduced (0.6 points lost, but
+perplexity 180 against static top-1's 176, and at most 1.0x speed-up). It changed
+because (2) compared arms that touch different numbers of experts, a comparison the
+paper does not make -- Lynx's claim is that its choice of experts beats dropping
+experts blindly at the same budget -- and (3) asks a one-thread CPU for a GPU
+memory-bandwidth effect the paper measures on GPUs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
 
+from paperzoo.compression import item_list
 from paperzoo.compression.lynx_expert_selection import (
     LynxConfig,
+    TinyMoEConfig,
     apply_lynx,
+    apply_matched_random,
     apply_static_top_k,
     moe_layers,
+    trained_tiny_moe,
 )
-from paperzoo.core import store
-from paperzoo.core.evaluation import evaluate
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.training import TrainConfig, single_thread, train
+from paperzoo.core.margins import clearly_greater
+from paperzoo.core.models import LanguageModel, base_model
+from paperzoo.core.training import TrainConfig, single_thread
 
-POLICIES = ("full", "lynx", "top1")
+POLICIES = ("full", "lynx", "random", "top1")
+TIMED = ("full", "lynx", "top1")
+LABELS = {"full": "full top-k", "lynx": "Lynx", "random": "matched random dropping", "top1": "static top-1"}
 ACCURACY_BUDGET = 0.01  # the paper's "less than 1% points" of accuracy
-SPEEDUP_TARGET = 1.2
+
+
+def _big(m: dict) -> str:
+    return str(max(int(b) for b in m["quality"]))
+
+
+def _rows(m: dict, policy: str, key: str) -> np.ndarray:
+    return np.asarray(m["quality"][_big(m)][policy][key])
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    big = _big(m)
+    full_experts = m["quality"][big]["lynx"]["full_experts"]
+    return {
+        "the MoE learned (decode NLL under full routing below the corpus unigram model's, beyond the bootstrap "
+        "interval over rows)": clearly_greater(np.asarray(m["unigram_row_nll"]), _rows(m, "full", "row_nll")),
+        f"batching activates more experts than Lynx keeps (full routing at batch {big}: more than "
+        f"{m['num_kept']} distinct experts per layer and decode step)": full_experts > m["num_kept"],
+    }
 
 
 def checks(m: dict) -> dict[str, bool | None]:
-    big = str(max(int(b) for b in m["quality"]))
-    q = m["quality"][big]
-    speedups = [row["speedup_lynx"] for row in m["latency"][m["latency_implementation"]].values()]
+    big = _big(m)
     return {
         f"Lynx loses at most 1 point of next-token accuracy at batch {big}":
-            q["full"]["accuracy"] - q["lynx"]["accuracy"] <= ACCURACY_BUDGET,
-        f"Lynx keeps lower perplexity than static top-1 at batch {big}":
-            q["lynx"]["perplexity"] < q["top1"]["perplexity"],
-        f"Lynx decodes at least {SPEEDUP_TARGET}x faster than full routing at its best batch size":
-            max(speedups) >= SPEEDUP_TARGET,
+            clearly_greater(_rows(m, "lynx", "row_accuracy") + ACCURACY_BUDGET, _rows(m, "full", "row_accuracy")),
+        f"Lynx's decode NLL is below random expert dropping with the same experts per step, at batch {big}":
+            clearly_greater(_rows(m, "random", "row_nll"), _rows(m, "lynx", "row_nll")),
     }
 
 
@@ -76,18 +121,28 @@ CLAIM = Claim(
     ),
     predicate=(
         "On a tiny trained Mixtral-style MoE (8 experts, top-2), Lynx capped at 4 of 8 experts per layer "
-        "(critical margin ln 2), teacher-forced decoding with the first 32 positions as prefill: "
-        "(1) at batch 64, next-token accuracy over decode positions drops by at most 1 point against full "
-        "routing; (2) at batch 64 its decode perplexity is below that of static top-1 routing; "
-        "(3) one-thread CPU latency per decode step (transformers' default experts implementation) is at "
-        "least 1.2x lower than full routing at the best of batch sizes 1, 4, 16, 64."
+        "(critical margin ln 2), teacher-forced decoding with the first 32 positions as prefill, batch 64, "
+        "per validation row over its decode positions, each comparison beyond the 95% paired bootstrap "
+        "interval over rows: (1) Lynx's next-token accuracy is at most 1 point below full routing's; "
+        "(2) Lynx's decode NLL is below that of random expert dropping that keeps exactly as many experts "
+        "per layer and step as Lynx (drawn from those the batch requests). Preconditions: the MoE beats a "
+        "unigram model, and full routing at batch 64 activates more than 4 experts per layer and step. "
+        "CPU latency per decode step is reported, not checked."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 2411.08982: abstract (v1: up to 1.55x lower latency, negligible accuracy loss; v3: up to "
+            "1.30x throughput, under 1 point of accuracy lost); v1 §3 (observations: batching activates nearly "
+            "all experts, router confidence tells which assignments a token depends on) and §4 (keeping the "
+            "experts that matter to the batch); latency measured on GPUs"),
 )
 
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ('corpus',)
-SUBSTRATE = ('base-lm',)
+SUBSTRATE = ("base-lm", "moe-lm")
+SEED_VARIES = ("how the validation rows are grouped into decode batches (a permutation of the rows) and the "
+               "matched random control's draws; the MoE substrate (trained once, seed 0) and the rows themselves "
+               "are the same for every seed")
 
 SCALES = {
     "smoke": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_experts": 4,
@@ -102,45 +157,34 @@ SCALES = {
 }
 
 
-def tiny_moe(lm, s: dict, seed: int):
-    """The cached tiny Mixtral-style MoE trained on `lm`'s tokenizer and corpus (trained here on first use)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+def moe_lm(scale: str, corpus: str | None = None, base: LanguageModel | None = None) -> LanguageModel:
+    """The shared substrate ``moe-lm``: the tiny MoE of `scale`, trained on the base LM's tokenizer and corpus.
 
-    config = MixtralConfig(
-        vocab_size=len(lm.tokenizer), hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_heads"],
-        num_local_experts=s["num_experts"], num_experts_per_tok=s["top_k"], max_position_embeddings=s["seq_len"],
-        router_aux_loss_coef=s["aux_loss_coef"], output_router_logits=True, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0)
+    Its settings are this experiment's ``SCALES[scale]``; `base` (the base LM of `scale`)
+    is loaded when not given.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"moe-lm has no {scale!r} scale (it has: {', '.join(SCALES)})")
+    s = SCALES[scale]
+    base = base_model(scale, corpus=corpus) if base is None else base
+    config = TinyMoEConfig(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                           num_layers=s["num_layers"], num_heads=s["num_heads"], num_experts=s["num_experts"],
+                           top_k=s["top_k"], aux_loss_coef=s["aux_loss_coef"], max_seq_len=s["seq_len"])
     train_config = TrainConfig(steps=s["train_steps"], batch_size=s["train_batch"], seq_len=s["seq_len"],
                                lr=s["lr"], warmup_steps=max(1, s["train_steps"] // 10))
-    key = store.stable_hash(["lynx-moe-v1", config.to_dict(), train_config.__dict__, lm.name,
-                             lm.corpus.fingerprint, seed])
-    path = store.home() / "models" / f"lynx-moe-{key}"
-
-    def build(tmp: Path) -> None:
-        torch.manual_seed(seed)
-        model = MixtralForCausalLM(config)
-        start = time.perf_counter()
-        history = train(model, lm.blocks("train", s["seq_len"]), train_config,
-                        desc="training a tiny MoE LM for Lynx (cached afterwards)", seed=seed)
-        model.save_pretrained(tmp)
-        (tmp / "paperzoo-training.json").write_text(json.dumps(
-            {"train_seconds": time.perf_counter() - start, "final_train_loss": history["train_loss"][-1],
-             "tokens": history["tokens"]}, indent=1))
-
-    store.cached_dir(path, build)
-    model = MixtralForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-    model.config.output_router_logits = False  # the auxiliary loss is for training only
-    record = json.loads((path / "paperzoo-training.json").read_text())
-    return model, record
+    with single_thread():  # tiny expert matmuls: a second thread only waits (see core.training.single_thread)
+        return trained_tiny_moe(base, config, train_config, seed=0, name=f"moe-lm-{scale}")
 
 
-def install(model, policy: str, s: dict, prefill_tokens: int | None, track: bool = True, num_kept: int | None = None):
+def install(model, policy: str, s: dict, prefill_tokens: int | None, track: bool = True,
+            num_kept: int | None = None, seed: int = 0):
+    config = LynxConfig(num_kept=num_kept or s["num_kept"])
     if policy == "full":
         return None
     if policy == "lynx":
-        return apply_lynx(model, LynxConfig(num_kept=num_kept or s["num_kept"]), prefill_tokens, track=track)
+        return apply_lynx(model, config, prefill_tokens, track=track)
+    if policy == "random":
+        return apply_matched_random(model, config, seed=seed, prefill_tokens=prefill_tokens, track=track)
     if policy == "top1":
         return apply_static_top_k(model, 1, prefill_tokens=prefill_tokens, track=track)
     raise ValueError(f"unknown routing policy {policy!r}")
@@ -148,26 +192,38 @@ def install(model, policy: str, s: dict, prefill_tokens: int | None, track: bool
 
 @torch.no_grad()
 def decode_quality(model, rows: torch.Tensor, batch_size: int, prefill_tokens: int, policy: str, s: dict,
-                   num_kept: int | None = None) -> dict:
-    """Teacher-forced decoding in batches of `batch_size` rows: loss and accuracy over decode-step predictions."""
-    handle = install(model, policy, s, prefill_tokens, num_kept=num_kept)
+                   num_kept: int | None = None, seed: int = 0) -> dict:
+    """Teacher-forced decoding in batches of `batch_size` rows: loss and accuracy over decode-step predictions.
+
+    Besides the totals, `row_nll` and `row_accuracy` hold each row's mean over its decode positions.
+    """
+    handle = install(model, policy, s, prefill_tokens, num_kept=num_kept, seed=seed)
     P = prefill_tokens
-    total, correct, count = 0.0, 0, 0
+    row_nll, row_correct = [], []
     try:
         for i in range(0, len(rows) - batch_size + 1, batch_size):
             x = rows[i : i + batch_size]
             logits = model(input_ids=x).logits[:, P:-1].float()  # predictions made by decode steps
             target = x[:, P + 1 :]
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
-            correct += (logits.argmax(-1) == target).sum().item()
-            count += target.numel()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T-P-1]
+            row_nll.append(nll.double().mean(1))
+            row_correct.append((logits.argmax(-1) == target).double().mean(1))
     finally:
         if handle is not None:
             handle.remove()
-    n_moe = len(moe_layers(model))
-    return {"loss": total / count, "perplexity": math.exp(total / count), "accuracy": correct / count,
+    row_nll, row_correct = torch.cat(row_nll), torch.cat(row_correct)
+    loss = float(row_nll.mean())
+    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(row_correct.mean()),
+            "row_nll": item_list(row_nll), "row_accuracy": item_list(row_correct),
             "active_experts": handle.mean_active_experts() if handle else None,
-            "full_experts": handle.mean_full_experts() if handle else None, "moe_layers": n_moe}
+            "full_experts": handle.mean_full_experts() if handle else None, "moe_layers": len(moe_layers(model))}
+
+
+def unigram_row_nll(train_blocks: torch.Tensor, rows: torch.Tensor, prefill_tokens: int, vocab_size: int) -> list:
+    """Each row's mean NLL over its decode positions under the corpus unigram model (add-one smoothing)."""
+    counts = torch.bincount(train_blocks.flatten(), minlength=vocab_size).double() + 1.0
+    log_p = counts.log() - counts.sum().log()
+    return item_list(-log_p[rows[:, prefill_tokens + 1 :]].mean(1))
 
 
 @torch.no_grad()
@@ -198,26 +254,31 @@ def decode_step_latency(model, prompts: torch.Tensor, steps: int, rounds: int, m
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    lm = ctx.language_model()
+    base = ctx.language_model()
+    moe = moe_lm(ctx.scale, ctx.corpus, base=base)
+    ctx._lm = moe  # the record names the model measured here: the MoE, not the dense base LM
+    model = moe.model.eval()
     with single_thread():
-        try:
-            moe_layers(lm.model)
-            model, training = lm.model.eval(), {"trained_here": False}
-        except ValueError:  # a dense LM: train a tiny MoE on its tokenizer and corpus
-            model, training = tiny_moe(lm, s, ctx.seed)
         seq_len = s["seq_len"]
-        val = lm.blocks("validation", seq_len)
-        if len(val) < max(s["batch_sizes"]):
-            raise ValueError(f"only {len(val)} validation blocks of {seq_len} tokens; need {max(s['batch_sizes'])}")
-        rows = val[: min(s["eval_rows"], len(val)) // max(s["batch_sizes"]) * max(s["batch_sizes"])]
-        P = s["prefill_tokens"]
-        overall = evaluate(model, val[: s["eval_rows"]])
-
-        quality = {}
-        for B in s["batch_sizes"]:
-            quality[str(B)] = {p: decode_quality(model, rows, B, P, p, s) for p in POLICIES}
+        val = moe.blocks("validation", seq_len)
         big = max(s["batch_sizes"])
-        sweep = [{"num_kept": m, **decode_quality(model, rows, big, P, "lynx", s, num_kept=m)} for m in s["kept_sweep"]]
+        if len(val) < big:
+            raise ValueError(f"only {len(val)} validation blocks of {seq_len} tokens; need {big}")
+        n = min(s["eval_rows"], len(val)) // big * big
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))  # who shares a batch
+        rows = val[:n][order]
+        P = s["prefill_tokens"]
+
+        quality = {str(B): {p: decode_quality(model, rows, B, P, p, s, seed=ctx.seed) for p in POLICIES}
+                   for B in s["batch_sizes"]}
+        sweep = []
+        for m in s["kept_sweep"]:
+            lynx = decode_quality(model, rows, big, P, "lynx", s, num_kept=m)
+            random = decode_quality(model, rows, big, P, "random", s, num_kept=m, seed=ctx.seed)
+            sweep.append({"num_kept": m, **{k: lynx[k] for k in ("perplexity", "accuracy", "active_experts")},
+                          "random_perplexity": random["perplexity"], "random_accuracy": random["accuracy"],
+                          "random_active_experts": random["active_experts"]})
+        full_ppl = quality[str(big)]["full"]["perplexity"]
         layer_sensitivity = []
         for layer in moe_layers(model):
             handle = apply_lynx(model, LynxConfig(num_kept=s["num_kept"], layers=(layer.index,)), P)
@@ -226,7 +287,7 @@ def run(ctx: RunContext) -> Outcome:
             finally:
                 handle.remove()
             layer_sensitivity.append({"layer": layer.index, "perplexity": q["perplexity"],
-                                      "perplexity_ratio": q["perplexity"] / quality[str(big)]["full"]["perplexity"]})
+                                      "perplexity_ratio": q["perplexity"] / full_ppl})
 
         default_impl = model.config._experts_implementation
         latency = {}
@@ -236,46 +297,46 @@ def run(ctx: RunContext) -> Outcome:
             for B in s["batch_sizes"]:
                 prompts = rows[:B, : s["latency_prompt"]]
                 secs = decode_step_latency(model, prompts, s["latency_steps"], s["latency_rounds"], {
-                    p: (lambda p=p: install(model, p, s, None, track=False)) for p in POLICIES})
+                    p: (lambda p=p: install(model, p, s, None, track=False)) for p in TIMED})
                 latency[impl][str(B)] = {
-                    **{f"{p}_ms_per_step": 1e3 * secs[p] for p in POLICIES},
-                    **{f"{p}_ms_per_token": 1e3 * secs[p] / B for p in POLICIES},
+                    **{f"{p}_ms_per_step": 1e3 * secs[p] for p in TIMED},
+                    **{f"{p}_ms_per_token": 1e3 * secs[p] / B for p in TIMED},
                     "speedup_lynx": secs["full"] / secs["lynx"], "speedup_top1": secs["full"] / secs["top1"]}
         model.set_experts_implementation(default_impl)
 
+    layers = moe_layers(model)
     metrics = {
-        "model": {"moe_layers": len(moe_layers(model)), "num_experts": moe_layers(model)[0].num_experts,
-                  "top_k": moe_layers(model)[0].top_k, "parameters": sum(p.numel() for p in model.parameters()),
-                  "expert_parameters": sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters()),
-                  **training},
-        "validation_perplexity": overall["perplexity"],
-        "validation_accuracy": overall["accuracy"],
+        "model": {"name": moe.name, "moe_layers": len(layers), "num_experts": layers[0].num_experts,
+                  "top_k": layers[0].top_k, "parameters": sum(p.numel() for p in model.parameters()),
+                  "expert_parameters": sum(p.numel() for layer in layers for p in layer.experts.parameters())},
         "prefill_tokens": P,
         "eval_rows": len(rows),
         "num_kept": s["num_kept"],
+        "unigram_row_nll": unigram_row_nll(moe.blocks("train", seq_len), rows, P, len(moe.tokenizer)),
         "quality": quality,
         "kept_sweep": sweep,
         "layer_sensitivity": layer_sensitivity,
         "latency_implementation": default_impl,
         "latency": latency,
+        "best_cpu_speedup_lynx": max(row["speedup_lynx"] for row in latency[default_impl].values()),
     }
     return Outcome(metrics, lambda fig: plot(fig, metrics))
 
 
 def plot(fig, m: dict) -> None:
     lat_ax, q_ax, front_ax = fig.subplots(1, 3)
-    colours = {"full": "black", "lynx": "tab:blue", "top1": "tab:orange"}
-    labels = {"full": "full top-k", "lynx": f"Lynx (<= {m['num_kept']} experts)", "top1": "static top-1"}
+    colours = {"full": "black", "lynx": "tab:blue", "random": "tab:red", "top1": "tab:orange"}
+    labels = {**LABELS, "lynx": f"Lynx (<= {m['num_kept']} experts)"}
     for impl, style in ((m["latency_implementation"], "-"), ("eager", ":")):
         rows = m["latency"].get(impl)
         if not rows:
             continue
         bs = sorted(rows, key=int)
-        for p in POLICIES:
+        for p in TIMED:
             lat_ax.plot([int(b) for b in bs], [rows[b][f"{p}_ms_per_token"] for b in bs], style, marker="o",
                         color=colours[p], label=f"{labels[p]} ({impl})")
     lat_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per token per decode step",
-               title="Decode latency (1 CPU thread)")
+               title="Decode latency (1 CPU thread; reported, not checked)")
     lat_ax.legend(fontsize=6)
     bs = sorted(m["quality"], key=int)
     for p in POLICIES:
@@ -288,12 +349,18 @@ def plot(fig, m: dict) -> None:
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
     q_ax.legend(fontsize=7)
-    big = str(max(int(b) for b in m["quality"]))
+    big = _big(m)
     q = m["quality"][big]
+    caps = ",".join(str(r["num_kept"]) for r in m["kept_sweep"])
     front_ax.plot([r["active_experts"] for r in m["kept_sweep"]], [r["perplexity"] for r in m["kept_sweep"]],
-                  marker="o", color=colours["lynx"], label="Lynx, cap m = " + ",".join(str(r["num_kept"]) for r in m["kept_sweep"]))
-    front_ax.scatter([q["top1"]["active_experts"]], [q["top1"]["perplexity"]], color=colours["top1"], label=labels["top1"], zorder=3)
-    front_ax.scatter([q["lynx"]["full_experts"]], [q["full"]["perplexity"]], color=colours["full"], label=labels["full"], zorder=3)
+                  marker="o", color=colours["lynx"], label=f"Lynx, cap m = {caps}")
+    front_ax.plot([r["random_active_experts"] for r in m["kept_sweep"]],
+                  [r["random_perplexity"] for r in m["kept_sweep"]], marker="s", ls="--", color=colours["random"],
+                  label="random dropping, same experts per step")
+    front_ax.scatter([q["top1"]["active_experts"]], [q["top1"]["perplexity"]], color=colours["top1"],
+                     label=labels["top1"], zorder=3)
+    front_ax.scatter([q["lynx"]["full_experts"]], [q["full"]["perplexity"]], color=colours["full"],
+                     label=labels["full"], zorder=3)
     front_ax.set(xlabel="distinct experts per layer and decode step", ylabel="decode-position perplexity",
                  title=f"Experts touched vs quality (batch {big})")
     front_ax.legend(fontsize=7)

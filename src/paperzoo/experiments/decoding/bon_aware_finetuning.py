@@ -186,19 +186,22 @@ def correct_counts(model, tok, qs, n: int, max_new_tokens: int, seed: int) -> np
     return c
 
 
-def choose_learning_rate(base, tok, train_qs, batches, cal_qs, s: dict, seed: int):
-    """The largest rate in lr_grid whose RL (N=1) control is not clearly below the base in pass@1 on cal_qs."""
-    n = s["calibration_samples"]
-    base_p1 = correct_counts(base, tok, cal_qs, n, s["max_new_tokens"], seed + 777) / n
+def choose_learning_rate(grid, train_control, passes):
+    """The largest rate in `grid` whose control passes; (rate, the control's result, what was tried).
+
+    `train_control(lr)` trains the control arm at a rate; `passes(result)` returns (ok, record).
+    The treatment is never trained here. If no rate passes, the smallest is returned.
+    """
+    if not grid:
+        raise ValueError("lr_grid must hold at least one learning rate")
     tried = []
-    for lr in sorted(s["lr_grid"], reverse=True):
-        model, history = fine_tune(CONTROL, base, tok, train_qs, batches, s, lr, seed)
-        p1 = correct_counts(model, tok, cal_qs, n, s["max_new_tokens"], seed + 777) / n
-        iv = paired_difference(p1, base_p1)
-        tried.append({"lr": lr, "control_minus_base_pass1": iv.as_dict()})
-        if iv.high >= 0:
-            return lr, model, history, tried
-    return lr, model, history, tried
+    for lr in sorted(grid, reverse=True):
+        result = train_control(lr)
+        ok, record = passes(result)
+        tried.append({"lr": lr, "passes": ok, **record})
+        if ok:
+            break
+    return lr, result, tried
 
 
 def _r5(values) -> list[float]:
@@ -219,7 +222,17 @@ def run(ctx: RunContext) -> Outcome:
     batches = [np.random.default_rng(ctx.seed * 1000 + step).choice(len(train_qs), G, replace=False)
                for step in range(s["steps"])]
 
-    lr, control, control_history, tried = choose_learning_rate(r.model, tok, train_qs, batches, cal_qs, s, ctx.seed)
+    n_cal = s["calibration_samples"]
+    base_p1 = correct_counts(r.model, tok, cal_qs, n_cal, s["max_new_tokens"], ctx.seed + 777) / n_cal
+
+    def control_not_degraded(result):  # the RL (N=1) control is not clearly below the base in pass@1
+        p1 = correct_counts(result[0], tok, cal_qs, n_cal, s["max_new_tokens"], ctx.seed + 777) / n_cal
+        iv = paired_difference(p1, base_p1)
+        return iv.high >= 0, {"control_minus_base_pass1": iv.as_dict()}
+
+    lr, (control, control_history), tried = choose_learning_rate(
+        s["lr_grid"], lambda lr: fine_tune(CONTROL, r.model, tok, train_qs, batches, s, lr, ctx.seed),
+        control_not_degraded)
     models, history = {"base": r.model, CONTROL: control}, {CONTROL: control_history}
     for arm in ARMS:
         if arm != CONTROL:

@@ -265,19 +265,22 @@ def simpo(model, pairs: list, s: dict, lr: float, seed: int, pad_id: int):
     return tuned, log
 
 
-def choose_learning_rate(overthinker, tok, control_pairs, cal_qs, s: dict, seed: int):
-    """The largest rate in lr_grid at which the SimPO control keeps >= 3/4 of the overthinker's accuracy on cal_qs."""
-    reference = measure(overthinker, tok, cal_qs, s["max_new_tokens"])[1]["correct"]
+def choose_learning_rate(grid, train_control, passes):
+    """The largest rate in `grid` whose control passes; (rate, the control's result, what was tried).
+
+    `train_control(lr)` trains the control arm at a rate; `passes(result)` returns (ok, record).
+    The treatment is never trained here. If no rate passes, the smallest is returned.
+    """
+    if not grid:
+        raise ValueError("lr_grid must hold at least one learning rate")
     tried = []
-    for lr in sorted(s["lr_grid"], reverse=True):
-        model, log = simpo(overthinker, control_pairs, s, lr, seed, tok.eos_token_id)
-        acc = measure(model, tok, cal_qs, s["max_new_tokens"])[1]["correct"]
-        ok = keeps_most(acc, reference)
-        tried.append({"lr": lr, "control_accuracy": float(np.mean(acc)), "reference_accuracy": float(np.mean(reference)),
-                      "keeps_most": ok})
+    for lr in sorted(grid, reverse=True):
+        result = train_control(lr)
+        ok, record = passes(result)
+        tried.append({"lr": lr, "passes": ok, **record})
         if ok:
-            return lr, model, log, tried
-    return lr, model, log, tried
+            break
+    return lr, result, tried
 
 
 def run(ctx: RunContext) -> Outcome:
@@ -307,7 +310,16 @@ def run(ctx: RunContext) -> Outcome:
     pairs, control_pairs, drawn = build_pairs(overthinker, tok, pair_qs, s, ctx.seed)
 
     # 3. The rate from the control, then SimPO on the paper's pairs at that rate.
-    lr, control, control_log, tried = choose_learning_rate(overthinker, tok, control_pairs, cal_qs, s, ctx.seed)
+    reference = measure(overthinker, tok, cal_qs, s["max_new_tokens"])[1]["correct"]
+
+    def control_keeps_most(result):  # the SimPO control keeps >= 3/4 of the overthinker's accuracy
+        acc = measure(result[0], tok, cal_qs, s["max_new_tokens"])[1]["correct"]
+        return keeps_most(acc, reference), {"control_accuracy": float(np.mean(acc)),
+                                            "overthinking_accuracy": float(np.mean(reference))}
+
+    lr, (control, control_log), tried = choose_learning_rate(
+        s["lr_grid"], lambda lr: simpo(overthinker, control_pairs, s, lr, ctx.seed, tok.eos_token_id),
+        control_keeps_most)
     fixed, simpo_log = simpo(overthinker, pairs, s, lr, ctx.seed, tok.eos_token_id)
     for name, model in (("SimPO control", control), ("after SimPO", fixed)):
         evals[name], per_problem[name] = measure(model, tok, test_qs, s["max_new_tokens"])
