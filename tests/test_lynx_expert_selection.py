@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny
@@ -14,10 +15,14 @@ from transformers import (
 
 from paperzoo.compression.lynx_expert_selection import (
     LynxConfig,
+    TinyMoEConfig,
+    _active,
     apply_lynx,
+    apply_matched_random,
     apply_static_top_k,
     compress,
     lynx_selection,
+    matched_random_selection,
     moe_layers,
     static_top_k_selection,
 )
@@ -235,15 +240,94 @@ def test_unsupported_router_is_refused():
         model(input_ids=IDS)
 
 
+def test_matched_random_keeps_as_many_experts_as_lynx_chosen_at_random():
+    q = torch.softmax(2 * torch.randn(40, 16, 8, generator=torch.Generator().manual_seed(0)), -1)
+    config = LynxConfig(num_kept=3)
+    lynx = lynx_selection(q, 2, config)
+    draws = [matched_random_selection(q, 2, config, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    random = draws[0]
+    assert torch.equal(random.kept.sum(-1), lynx.kept.sum(-1))  # the same kept-set size, step by step
+    # ... and the same distinct experts actually used (every kept expert receives a token in both)
+    assert torch.equal(_active(random.indices, random.weights, 8).sum(-1), _active(lynx.indices, lynx.weights, 8).sum(-1))
+    requested = torch.zeros(40, 8, dtype=torch.bool).scatter_(-1, q.topk(2, -1).indices.reshape(40, -1), True)
+    assert not (random.kept & ~requested).any()  # drawn among the experts the batch asks for
+    assert torch.gather(random.kept[:, None, :].expand(-1, 16, -1), -1, random.indices).all()  # routed inside
+    assert torch.equal(draws[0].kept, draws[1].kept) and not torch.equal(draws[0].kept, draws[2].kept)
+    assert not torch.equal(random.kept, lynx.kept)  # chance, not router confidence, picks the experts
+    # a token whose top-k survives keeps its router weights: the re-routing is Lynx's own
+    same = (random.indices == q.topk(2, -1).indices).all(-1)
+    top = q.topk(2, -1).values
+    assert torch.allclose(random.weights[same], (top / top.sum(-1, keepdim=True))[same])
+    with pytest.raises(ValueError, match="protect_critical"):
+        matched_random_selection(q, 2, LynxConfig(num_kept=3, protect_critical=True), torch.Generator())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_matched_random_in_a_model_uses_lynx_expert_counts(arch):
+    model = tiny_moe(arch)
+    config = LynxConfig(num_kept=3)
+    with apply_lynx(model, config, prefill_tokens=4) as lynx:
+        a = model(input_ids=IDS).logits
+    with apply_matched_random(model, config, seed=0, prefill_tokens=4) as random:
+        b = model(input_ids=IDS).logits
+    assert lynx.mean_active_experts() == random.mean_active_experts() < lynx.mean_full_experts()
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5) and not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-4)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="no sparse-MoE"):
         apply_lynx(tiny("llama"))
-    with pytest.raises(ValueError):
-        lynx_selection(P, 2, LynxConfig(num_kept=0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no sparse-MoE"):
+        compress(tiny("llama"))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_kept must be None or an integer >= 1"):
+            LynxConfig(num_kept=bad)
+    with pytest.raises(ValueError, match="affinity_margin must be a number >= 0"):
+        LynxConfig(affinity_margin=float("nan"))
+    with pytest.raises(ValueError, match="layers must be None or decoder-layer indices"):
+        LynxConfig(layers=(-1,))
+    with pytest.raises(ValueError, match="protect_critical must be True or False"):
+        LynxConfig(protect_critical="yes")
+    with pytest.raises(ValueError, match="steps, batch, experts"):
         lynx_selection(P[0], 2, LynxConfig())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be an integer from 1 to the 4 experts"):
+        lynx_selection(P, 5, LynxConfig())
+    with pytest.raises(ValueError, match="prefill_tokens must be None or an integer >= 0"):
         apply_lynx(tiny_moe("mixtral"), prefill_tokens=-1)
+    with pytest.raises(ValueError, match="config must be a LynxConfig"):
+        apply_lynx(tiny_moe("mixtral"), {"num_kept": 2})
+    with pytest.raises(ValueError, match="k must be an integer from 1 to the model's top-k 2"):
+        apply_static_top_k(tiny_moe("mixtral"), 1.0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        apply_matched_random(tiny_moe("mixtral"), LynxConfig(num_kept=2), seed=-3)
+    with pytest.raises(ValueError, match=r"TinyMoEConfig\.top_k must be at most num_experts"):
+        TinyMoEConfig(num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match=r"TinyMoEConfig\.num_layers must be an integer >= 1"):
+        TinyMoEConfig(num_layers=0)
+
+
+def test_the_moe_substrate_is_cached_with_its_card(smoke_lm, paperzoo_home):
+    from transformers import MixtralForCausalLM
+
+    from paperzoo.core import substrate
+    from paperzoo.core.models import substrate_used
+    from paperzoo.experiments.compression.lynx_expert_selection import SCALES, moe_lm
+
+    assert "moe-lm" in substrate.BUILDERS
+    substrate.build(["moe-lm"], "smoke")  # trains and caches
+    entries = [p for p in (paperzoo_home / "models").iterdir() if p.name.startswith("moe-lm-smoke-")]
+    assert len(entries) == 1
+    with substrate_used() as cards:
+        moe = moe_lm("smoke")  # loads the cached entry
+    assert isinstance(moe.model, MixtralForCausalLM) and not moe.model.config.output_router_logits
+    assert moe.tokenizer is not None and moe.seq_len == SCALES["smoke"]["seq_len"]
+    card = next(c for c in cards if c["name"] == entries[0].name)
+    assert card["parameters"] == sum(p.numel() for p in moe.model.parameters()) and "validation" in card
+    assert "4 experts, top-2" in card["architecture"]
+    assert [p.name for p in (paperzoo_home / "models").iterdir() if p.name.startswith("moe-lm-smoke-")] == [
+        entries[0].name]  # loaded, not trained again
+    with pytest.raises(ValueError, match="no 'large' scale"):
+        moe_lm("large")
 
 
 def test_compress_installs_lynx_on_a_copy():
@@ -256,16 +340,54 @@ def test_compress_installs_lynx_on_a_copy():
     assert torch.equal(model(input_ids=step).logits, before), "the original model must stay unhooked"
 
 
+def _metrics(acc_lynx, nll_lynx, nll_random, noise=0.0, full_experts=7.5, n=128):
+    """Per-row accuracy and NLL at batch 64 around the given means (rows differ, shared by every routing)."""
+    rng = np.random.default_rng(0)
+    acc_rows, nll_rows = rng.normal(0.0, 0.05, n), rng.normal(0.0, 0.3, n)
+
+    def rows(base, mean, scale):
+        return list(mean + base - base.mean() + rng.normal(0.0, noise * scale, n))
+
+    def arm(acc, nll):
+        return {"row_accuracy": rows(acc_rows, acc, 0.05), "row_nll": rows(nll_rows, nll, 0.3),
+                "full_experts": full_experts}
+
+    return {"num_kept": 4, "unigram_row_nll": rows(nll_rows, 7.0, 0.0),
+            "quality": {"1": {}, "64": {"full": arm(0.30, 5.0), "lynx": arm(acc_lynx, nll_lynx),
+                                        "random": arm(0.25, nll_random)}}}
+
+
 def test_predicate_by_hand():
-    from paperzoo.experiments.compression.lynx_expert_selection import checks
+    from paperzoo.experiments.compression.lynx_expert_selection import checks, preconditions
 
-    def metrics(acc_lynx, ppl_lynx, speedups):
-        return {"quality": {"1": {}, "64": {"full": {"accuracy": 0.30, "perplexity": 100.0},
-                                            "lynx": {"accuracy": acc_lynx, "perplexity": ppl_lynx},
-                                            "top1": {"accuracy": 0.28, "perplexity": 110.0}}},
-                "latency_implementation": "grouped_mm",
-                "latency": {"grouped_mm": {str(b): {"speedup_lynx": v} for b, v in zip((1, 4, 16, 64), speedups)}}}
+    assert list(checks(_metrics(0.295, 5.05, 5.20)).values()) == [True, True]
+    assert list(preconditions(_metrics(0.295, 5.05, 5.20)).values()) == [True, True]
+    # 1.1 points lost; no better than random dropping at the same budget
+    assert list(checks(_metrics(0.289, 5.20, 5.20)).values()) == [False, False]
+    # within a point on average, better than random on average, but rows disagree far more than that
+    assert list(checks(_metrics(0.295, 5.05, 5.06, noise=2.0)).values()) == [False, False]
+    # the MoE no better than a unigram model; batching that activates no more experts than Lynx keeps
+    untrained = _metrics(0.295, 5.05, 5.20)
+    untrained["quality"]["64"]["full"]["row_nll"] = untrained["unigram_row_nll"]
+    assert list(preconditions(untrained).values()) == [False, True]
+    assert list(preconditions(_metrics(0.295, 5.05, 5.20, full_experts=3.9)).values()) == [True, False]
 
-    assert list(checks(metrics(0.295, 105.0, [0.9, 1.0, 1.1, 1.25])).values()) == [True, True, True]
-    # 1.1 points lost; perplexity above top-1; best speed-up 1.19x
-    assert list(checks(metrics(0.289, 110.5, [0.9, 1.0, 1.19, 1.1])).values()) == [False, False, False]
+
+def test_decode_quality_rows_and_the_unigram_reference(smoke_lm):
+    from paperzoo.experiments.compression.lynx_expert_selection import SCALES, decode_quality, unigram_row_nll
+
+    model, s = tiny_moe("mixtral"), {**SCALES["smoke"], "num_kept": 3}
+    rows = IDS.repeat(2, 1)
+    q = decode_quality(model, rows, 4, 5, "lynx", s)
+    assert len(q["row_nll"]) == len(q["row_accuracy"]) == 12
+    assert q["loss"] == pytest.approx(np.mean(q["row_nll"]), rel=1e-4)
+    with torch.no_grad():  # batch 4: rows 0-3, 4-7, 8-11; full routing per row equals the plain model
+        full = decode_quality(model, rows, 4, 5, "full", s)
+        logits = model(input_ids=rows).logits[:, 5:-1]
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 6:], reduction="none").mean(1)
+    assert np.allclose(full["row_nll"], expected.tolist(), rtol=1e-4)
+    # unigram: add-one counts over the training tokens, scored on the decode positions
+    train = torch.tensor([[0, 0, 1, 2]])
+    got = unigram_row_nll(train, torch.tensor([[0, 0, 1, 3]]), 1, 4)  # decode targets: 1, 3
+    p = torch.tensor([3.0, 2.0, 2.0, 1.0]) / 8
+    assert got == pytest.approx([-(p[1].log() + p[3].log()).item() / 2], rel=1e-4)

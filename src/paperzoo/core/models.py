@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from paperzoo.core import store
 from paperzoo.core.corpus import Corpus, load_corpus
 from paperzoo.core.tokenizer import train_tokenizer
-from paperzoo.core.training import TrainConfig, token_blocks, train
+from paperzoo.core.training import TrainConfig, token_blocks, train, training_device
 
 
 class ModelLoadError(ValueError):
@@ -115,16 +115,16 @@ def base_model(scale: str = "small", corpus: str | None = None, seed: int = 0) -
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
-        model = spec.model.build()
+        model = spec.model.build().to(training_device())
         start = time.perf_counter()
         history = train(
             model, token_blocks(tokenizer, data.train, spec.train.seq_len), spec.train,
             val_blocks=token_blocks(tokenizer, data.validation, spec.train.seq_len),
             desc=f"training the {scale} base LM (cached afterwards)", seed=seed,
         )
-        record = {"scale": scale, "spec": asdict(spec), "corpus": data.name,
+        record = {"scale": scale, "spec": asdict(spec), "corpus": data.name, "device": str(training_device()),
                   "train_seconds": time.perf_counter() - start, **history}
-        save_trained(tmp, model, tokenizer, record)
+        save_trained(tmp, model.cpu(), tokenizer, record)
 
     model, tokenizer, record = load_trained(store.cached_dir(path, build))
     return LanguageModel(f"paperzoo base-{scale} ({path.name})", model, tokenizer,
@@ -136,6 +136,7 @@ TRAINING_RECORD = "paperzoo-training.json"
 
 def save_trained(directory: Path, model, tokenizer, record: dict) -> None:
     """A model paperzoo trained, its tokenizer, and the record of how (for a cache entry)."""
+    hf_logging.disable_progress_bar()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / TRAINING_RECORD).write_text(json.dumps(record, indent=1))

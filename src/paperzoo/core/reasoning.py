@@ -42,7 +42,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from paperzoo.core import store
 from paperzoo.core.models import TinyLMConfig, load_trained, save_trained
-from paperzoo.core.training import TrainConfig, token_blocks, train
+from paperzoo.core.training import training_device, TrainConfig, token_blocks, train
 
 EOS = "<|endoftext|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -214,10 +214,11 @@ def train_reasoner(spec: ReasonerSpec, desc: str, texts: Sequence[str] | None = 
     if texts is None:
         texts = [training_text(p) for p in problems(spec.train_problems, "train", seed=spec.seed, distinct=False)]
     torch.manual_seed(spec.seed)
-    model = spec.model.build()
+    model = spec.model.build().to(training_device())
     start = time.perf_counter()
     history = train(model, token_blocks(tokenizer, texts, spec.train.seq_len), spec.train, desc=desc, seed=spec.seed)
-    return model, {"spec": asdict(spec), "train_seconds": time.perf_counter() - start, **history}
+    return model.cpu(), {"spec": asdict(spec), "device": str(training_device()),
+                         "train_seconds": time.perf_counter() - start, **history}
 
 
 def _cached(kind: str, spec: ReasonerSpec, scale: str) -> Reasoner:

@@ -42,6 +42,12 @@ class TrainConfig:
     eval_every: int = 0  # 0: validate only at the end
 
 
+def training_device() -> torch.device:
+    """Where paperzoo trains its cached models: the GPU when there is one (PAPERZOO_DEVICE overrides)."""
+    name = os.environ.get("PAPERZOO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def bf16_autocast_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
