@@ -216,19 +216,3 @@ def test_checks_and_preconditions_by_hand():
     ceiling = _metrics(base=(0.90, 1.0), rft=(0.42, 0.60), rl=(0.45, 0.62), bon=(0.42, 0.70))
     ceiling["per_problem_bon"]["base"]["16"] = [1.0] * 40  # every problem solved at BoN@16: no room to improve
     assert list(preconditions(ceiling).values())[1] is False
-
-
-def test_learning_rate_rule_reads_the_control_only():
-    from paperzoo.experiments.decoding.bon_aware_finetuning import choose_learning_rate
-
-    trained = []
-
-    def train_control(lr):
-        trained.append(lr)
-        return f"control@{lr}"
-
-    lr, result, tried = choose_learning_rate([1e-5, 1e-3, 1e-4], train_control, lambda r: (r != "control@0.001", {}))
-    assert (lr, result) == (1e-4, "control@0.0001") and trained == [1e-3, 1e-4]  # largest first, stop at the first pass
-    assert [t["passes"] for t in tried] == [False, True]
-    lr, _, _ = choose_learning_rate([1e-5, 1e-3], train_control, lambda r: (False, {}))
-    assert lr == 1e-5  # none passes: the smallest, and the precondition will say so

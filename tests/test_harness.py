@@ -49,6 +49,29 @@ def test_aggregate_verdict_rules():
     assert "precondition not met: p" in aggregate(one_seed_lacks_precondition)["verdict_reason"]
 
 
+def test_set_up_values_are_chosen_on_the_control_only():
+    from paperzoo.core.experiment import choose_on_control
+
+    trained = []
+
+    def train_control(lr):
+        trained.append(lr)
+        return f"control@{lr}"
+
+    lr, result, tried = choose_on_control([1e-5, 1e-3, 1e-4], train_control, lambda r: (r != "control@0.001", {}))
+    assert (lr, result) == (1e-4, "control@0.0001") and trained == [1e-3, 1e-4]  # largest first, stop at the first pass
+    assert [t["passes"] for t in tried] == [False, True]
+    lr, _, _ = choose_on_control([1e-5, 1e-3], train_control, lambda r: (False, {}))
+    assert lr == 1e-5  # none passes: the smallest, and a precondition says so
+
+
+def test_decided_is_three_way():
+    assert margins.decided(margins.Interval(0.1, 0.2, 0.3), at_least=0.15) is True
+    assert margins.decided(margins.Interval(-0.3, -0.2, 0.1)) is None
+    assert margins.decided(margins.Interval(-0.3, -0.2, -0.1)) is False
+    assert margins.decided(margins.Interval(0.01, 0.05, 0.09), at_least=0.10) is False  # clear, but smaller than claimed
+
+
 # --- margins --------------------------------------------------------------------------------------
 
 def test_paired_bootstrap_needs_a_difference_beyond_noise():

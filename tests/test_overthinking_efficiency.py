@@ -190,19 +190,3 @@ def test_bad_arguments_are_named():
         outcome_efficiency([])
     with pytest.raises(ValueError, match="prompts, chosen and rejected"):
         simpo_step(tiny("llama"), None, [[1]], [[2]], [], pad_id=0)
-
-
-def test_learning_rate_rule_reads_the_control_only():
-    from paperzoo.experiments.decoding.overthinking_efficiency import choose_learning_rate
-
-    trained = []
-
-    def train_control(lr):
-        trained.append(lr)
-        return f"control@{lr}"
-
-    lr, result, tried = choose_learning_rate([1e-5, 1e-3, 1e-4], train_control, lambda r: (r != "control@0.001", {}))
-    assert (lr, result) == (1e-4, "control@0.0001") and trained == [1e-3, 1e-4]  # largest first, stop at the first pass
-    assert [t["passes"] for t in tried] == [False, True]
-    lr, _, _ = choose_learning_rate([1e-5, 1e-3], train_control, lambda r: (False, {}))
-    assert lr == 1e-5  # none passes: the smallest, and the precondition will say so

@@ -18,6 +18,9 @@ claim and its inputs as data and writes one function:
   built once before a sweep fans out.
 - ``run(ctx) -> Outcome``: measure, and return the metrics and a plot.
 
+Name preconditions and checks with words that do not change from seed to seed (no
+chosen budget or learning rate in a name): the aggregate matches them across seeds by name.
+
 `run_experiment` does the rest, once for every paper: seeding, timing, the
 verdict, an atomic JSON record that is never overwritten, and the plot beside it.
 A failed or undecidable precondition makes the verdict `inconclusive`, never
@@ -104,6 +107,25 @@ class RunContext:
                 seq_len = min(self.settings.get("seq_len", 256), getattr(model.config, "max_position_embeddings", 256) or 256)
                 self._lm = LanguageModel(self.model, model, tokenizer, load_corpus(self.corpus), seq_len)
         return self._lm
+
+
+def choose_on_control(grid, train_control, passes):
+    """Pick a set-up hyper-parameter by looking at the control arm only (never the treatment).
+
+    Tries `grid` from the largest value down; `train_control(value)` trains or runs the
+    control, `passes(result)` returns (ok, record). Returns the first value whose control
+    passes (the smallest when none does), its result, and every value tried with its record.
+    """
+    if not grid:
+        raise ValueError("the grid must hold at least one value")
+    tried = []
+    for value in sorted(grid, reverse=True):
+        result = train_control(value)
+        ok, record = passes(result)
+        tried.append({"lr": value, "passes": ok, **record})
+        if ok:
+            break
+    return value, result, tried
 
 
 def verdict(checks: dict[str, bool | None], preconditions: dict[str, bool | None] | None = None) -> str:

@@ -43,6 +43,17 @@ class Interval:
         return {"low": self.low, "mean": self.mean, "high": self.high}
 
 
+def decided(interval: Interval, at_least: float = 0.0) -> bool | None:
+    """A three-way check on a difference: True when its interval clears zero and its mean reaches `at_least`
+    (the effect size the paper reports); False when the whole interval lies below `at_least`; None (undecided)
+    when it straddles."""
+    if interval.low > 0 and interval.mean >= at_least:
+        return True
+    if interval.high < at_least:
+        return False
+    return None
+
+
 def _values(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     v = np.asarray(x, dtype=np.float64).ravel()
     if v.size == 0:

@@ -18,15 +18,15 @@ often enough for RL to have a signal.
 
 How the set-up's hyper-parameters were chosen (from the control only):
 
-- The learning rate is chosen by a rule in code (`choose_learning_rate`) on the
+- The learning rate is chosen by a rule in code (`paperzoo.core.experiment.choose_on_control`) on the
   RL (N=1) control alone: the largest rate in `lr_grid` at which the control,
   trained exactly as the arms are, is not clearly below the base reasoner in pass@1
   on `calibration_problems` held-out problems that are not test problems (paired
   bootstrap over problems). The control trained at the chosen rate *is* the RL (N=1)
   arm. If no rate passes, the smallest is used and the precondition below will say so.
 - Steps, problems per step, k = 8 samples per problem and temperature 1 were fixed
-  before the first run; train_N = 16 equals the largest N evaluated, as in the
-  paper, which trains at the N it evaluates.
+  before the first run; train_N = 16 equals the largest N evaluated (the BoN the
+  fine-tune is meant for).
 
 Preconditions (any not met makes the verdict inconclusive):
 
@@ -44,7 +44,8 @@ ordinary RL; (2) its advantage over ordinary RL is larger at N=16 than at N=1", 
 as bare comparisons of two means. Why it changed: (a) the weights were our own
 derivation for the *logarithm* of the BoN success probability (g = N q^(N-1)/(1-q^N)
 times r - p, samples from pi); the paper samples from the BoN policy with weights g+
-and g- above, which optimise 1 - q^N itself; the method now follows the paper;
+and g- above, aimed at 1 - q^N itself (their mean update on a problem is a positive
+multiple of the gradient of 1 - q^N; see the method module); the method now follows the paper;
 (b) comparisons now need a paired bootstrap interval over problems to clear zero, and
 an interval that straddles zero leaves a check undecided; (c) the comparisons are only
 judged where the RL control did not degrade the base (a precondition), since every
@@ -58,8 +59,8 @@ import copy
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, paired_difference
+from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
+from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer, is_correct, problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.bon_aware_finetuning import (
@@ -72,14 +73,6 @@ from paperzoo.decoding.bon_aware_finetuning import (
 ARMS = ("RFT", "RL (N=1)", "BoN-RLB")
 CONTROL = "RL (N=1)"
 
-
-def decided(iv, at_least: float = 0.0) -> bool | None:
-    """True if the interval clears zero and its mean reaches `at_least`; False if it lies below `at_least`."""
-    if iv.low > 0 and iv.mean >= at_least:
-        return True
-    if iv.high < at_least:
-        return False
-    return None
 
 
 def _per_problem(m: dict, arm: str, N) -> list[float]:
@@ -186,23 +179,6 @@ def correct_counts(model, tok, qs, n: int, max_new_tokens: int, seed: int) -> np
     return c
 
 
-def choose_learning_rate(grid, train_control, passes):
-    """The largest rate in `grid` whose control passes; (rate, the control's result, what was tried).
-
-    `train_control(lr)` trains the control arm at a rate; `passes(result)` returns (ok, record).
-    The treatment is never trained here. If no rate passes, the smallest is returned.
-    """
-    if not grid:
-        raise ValueError("lr_grid must hold at least one learning rate")
-    tried = []
-    for lr in sorted(grid, reverse=True):
-        result = train_control(lr)
-        ok, record = passes(result)
-        tried.append({"lr": lr, "passes": ok, **record})
-        if ok:
-            break
-    return lr, result, tried
-
 
 def _r5(values) -> list[float]:
     return [float(f"{v:.5g}") for v in values]
@@ -230,7 +206,7 @@ def run(ctx: RunContext) -> Outcome:
         iv = paired_difference(p1, base_p1)
         return iv.high >= 0, {"control_minus_base_pass1": iv.as_dict()}
 
-    lr, (control, control_history), tried = choose_learning_rate(
+    lr, (control, control_history), tried = choose_on_control(
         s["lr_grid"], lambda lr: fine_tune(CONTROL, r.model, tok, train_qs, batches, s, lr, ctx.seed),
         control_not_degraded)
     models, history = {"base": r.model, CONTROL: control}, {CONTROL: control_history}

@@ -21,7 +21,7 @@ all; a collapse there is the substrate's, not the paper's.
 
 How the set-up's hyper-parameters were chosen (from the control only):
 
-- The SimPO learning rate is chosen by a rule in code (`choose_learning_rate`): the
+- The SimPO learning rate is chosen by a rule in code (`paperzoo.core.experiment.choose_on_control`): the
   largest rate in `lr_grid` at which the SimPO control keeps at least 3/4 of the
   overthinking model's accuracy (not below it beyond the paired bootstrap interval) on
   `calibration_problems` held-out equations that are not test problems. The treatment
@@ -70,8 +70,8 @@ import re
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import Interval, bootstrap_mean, paired_difference
+from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
+from paperzoo.core.margins import Interval, bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import ANSWER, END_THINK, is_correct, problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.core.training import TrainConfig, token_blocks, train
@@ -105,14 +105,6 @@ def scratchpad_key(text: str) -> str:
     body = text.split(END_THINK)[0]
     return body.replace(f"{MARKER}, check:", "").strip()
 
-
-def decided(iv, at_least: float = 0.0) -> bool | None:
-    """True if the interval clears zero and its mean reaches `at_least`; False if it lies below `at_least`."""
-    if iv.low > 0 and iv.mean >= at_least:
-        return True
-    if iv.high < at_least:
-        return False
-    return None
 
 
 def keeps_most(after, before, share: float = KEEP) -> bool:
@@ -265,23 +257,6 @@ def simpo(model, pairs: list, s: dict, lr: float, seed: int, pad_id: int):
     return tuned, log
 
 
-def choose_learning_rate(grid, train_control, passes):
-    """The largest rate in `grid` whose control passes; (rate, the control's result, what was tried).
-
-    `train_control(lr)` trains the control arm at a rate; `passes(result)` returns (ok, record).
-    The treatment is never trained here. If no rate passes, the smallest is returned.
-    """
-    if not grid:
-        raise ValueError("lr_grid must hold at least one learning rate")
-    tried = []
-    for lr in sorted(grid, reverse=True):
-        result = train_control(lr)
-        ok, record = passes(result)
-        tried.append({"lr": lr, "passes": ok, **record})
-        if ok:
-            break
-    return lr, result, tried
-
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
@@ -317,7 +292,7 @@ def run(ctx: RunContext) -> Outcome:
         return keeps_most(acc, reference), {"control_accuracy": float(np.mean(acc)),
                                             "overthinking_accuracy": float(np.mean(reference))}
 
-    lr, (control, control_log), tried = choose_learning_rate(
+    lr, (control, control_log), tried = choose_on_control(
         s["lr_grid"], lambda lr: simpo(overthinker, control_pairs, s, lr, ctx.seed, tok.eos_token_id),
         control_keeps_most)
     fixed, simpo_log = simpo(overthinker, pairs, s, lr, ctx.seed, tok.eos_token_id)

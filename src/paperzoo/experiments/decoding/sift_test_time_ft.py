@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, paired_difference
+from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.decoding.sift_test_time_ft import (
     embed,
     nearest_neighbours,
@@ -56,19 +56,11 @@ SELECTORS = ("sift", "nn")
 POOLS = ("clean", "duplicated")
 
 
-def decided(iv, at_least: float = 0.0) -> bool | None:
-    """True if the interval clears zero and its mean reaches `at_least`; False if it lies below `at_least`."""
-    if iv.low > 0 and iv.mean >= at_least:
-        return True
-    if iv.high < at_least:
-        return False
-    return None
-
 
 def preconditions(m: dict) -> dict[str, bool | None]:
     oracle = bootstrap_mean(m["oracle_per_prompt"])
     return {
-        f"fine-tuning on the prompt's own text (oracle neighbour, lr {m['lr']:g}) lowers its bits per byte "
+        "fine-tuning on the prompt's own text (oracle neighbour, at the chosen step size) lowers its bits per byte "
         "(bootstrap interval over prompts above zero)": oracle.low > 0,
     }
 
