@@ -206,6 +206,17 @@ def test_online_votes_only_uncut_confident_traces_each_weighted_by_its_confidenc
     assert math.isclose(st["consensus"], max(st["votes"].values()) / sum(st["votes"].values()))
 
 
+def test_batched_traces_equal_traces_of_each_prompt_alone(smoke):
+    """Prompts of different lengths in one batch: padding must not change what any row generates."""
+    prompts = ["Q: 12+34\n<think>", "Q: 3x+4=10\n<think>", "Q: 91-17+40-3\n<think>"]
+    together = sample_traces(smoke.model, smoke.tokenizer, prompts, None, window=4, temperature=0, max_new_tokens=12)
+    for prompt, t in zip(prompts, together):
+        alone = sample_traces(smoke.model, smoke.tokenizer, [prompt], None, window=4, temperature=0,
+                              max_new_tokens=12)[0]
+        assert t.tokens == alone.tokens
+        assert torch.allclose(t.confidences, alone.confidences, atol=1e-4)
+
+
 def test_right_padded_tokenizer_gives_the_same_traces(smoke):
     """load_causal_lm returns right-padding tokenizers; DeepConf pads on the left itself."""
     right = copy.deepcopy(smoke.tokenizer)
@@ -288,7 +299,14 @@ def test_predicate_by_hand():
     pp["offline_correct"] = {"low": same, "high": same}
     pp["online_correct"] = {"low": [1.0] * 11 + [0.0] * 29, "high": same}  # one problem more: within noise
     pp["online_tokens"]["low"] = [100.0] * n
+    assert list(checks(m).values()) == [None, None, None]  # undecided, never "not reproduced"
+    worse = [0.0] * n  # wrong on the ten problems majority voting gets right
+    pp["offline_correct"] = {"low": worse, "high": worse}
+    pp["online_correct"] = {"low": worse, "high": worse}
+    pp["online_tokens"]["low"] = [150.0 + i % 3 for i in range(n)]
     assert list(checks(m).values()) == [False, False, False]
+    pp["offline_correct"]["high"] = same  # one arm clearly worse, the other undecided: undecided
+    assert list(checks(m).values())[0] is None
     pp["auroc"] = [0.4, 0.6, 0.5, 0.55]  # no separation beyond noise
     m.update(majority_accuracy=0.97, outvoted_share=0.0)
     assert list(preconditions(m).values()) == [False, False, False]

@@ -20,6 +20,7 @@ from paperzoo.experiments.decoding.svip_draft_length import (
     checks,
     entropy_acceptance,
     fixed_frontier_draft_passes,
+    preconditions,
 )
 
 EOS = 63
@@ -213,6 +214,7 @@ def test_bad_input_is_refused():
 # --- the experiment's predicate ------------------------------------------------------------------------------------
 
 def _metrics(svip_tps, svip_accept, svip_target, svip_draft, low=0.9, high=0.4):
+    """Pooled rows for the frontier (reported), from the same figures as before."""
     def row(tps, accept, target, draft):
         return {"tokens_per_second": tps, "acceptance_rate": accept, "target_passes_per_token": target,
                 "draft_passes_per_token": draft}
@@ -223,6 +225,24 @@ def _metrics(svip_tps, svip_accept, svip_target, svip_draft, low=0.9, high=0.4):
             "entropy_acceptance": {"low_third": low, "high_third": high}}
 
 
+def _per_problem(n=30, svip_accept=0.8, const_accept=0.5, svip_seconds=1.0, const_seconds=1.3, target_ratio=0.5):
+    """Per-problem figures: 20 drafted tokens each; SVIP and fixed-5 emit the same 40 tokens."""
+    def arm(accept, seconds, spread=0.0, phase=0):
+        return {"tokens": [40] * n, "target_passes": [int(40 * target_ratio)] * n, "draft_passes": [20] * n,
+                "drafted": [20] * n, "accepted": [round(20 * accept + spread * ((i % 3) - 1)) for i in range(n)],
+                "seconds": [seconds * (1 + 0.05 * (((i + phase) % 5) - 2)) for i in range(n)]}
+
+    return {"svip": arm(svip_accept, svip_seconds, spread=1, phase=2), "fixed-5": arm(const_accept, const_seconds)}
+
+
+def _full(cost=0.2, low=None, high=None, above=0.4, identical=True, **kw):
+    n = kw.get("n", 30)
+    low = [0.9, 0.8, 1.0, 0.85, 0.95, 0.9] * 5 if low is None else low
+    high = [0.3, 0.4, 0.2, 0.5, 0.35, 0.3] * 5 if high is None else high
+    return {"per_problem": _per_problem(**kw), "draft_to_target_cost": cost, "own_loop_identical_to_greedy": identical,
+            "entropy_acceptance": {"per_problem_low": low, "per_problem_high": high, "above_threshold_share": above}}
+
+
 def test_frontier_interpolates_between_fixed_lengths():
     m = _metrics(100, 0.9, 0.45, 1.0)
     assert fixed_frontier_draft_passes(m, 0.45) == pytest.approx(1.3)  # halfway between fixed-2 and fixed-4
@@ -231,14 +251,23 @@ def test_frontier_interpolates_between_fixed_lengths():
 
 
 def test_checks_by_hand():
-    names = list(checks(_metrics(100, 0.9, 0.45, 1.0)))
-    # 100 >= 1.148 * 80 = 91.84; 0.9 > 0.5; 1.0 < 1.3; 0.9 > 0.4
-    assert all(checks(_metrics(100, 0.9, 0.45, 1.0)).values())
-    assert checks(_metrics(91, 0.9, 0.45, 1.0))[names[3]] is False  # 91 < 91.84: not 14.8% faster
-    assert checks(_metrics(100, 0.5, 0.45, 1.0))[names[1]] is False  # acceptance not above fixed-5's
-    assert checks(_metrics(100, 0.9, 0.45, 1.4))[names[2]] is False  # above the fixed-length frontier
-    assert checks(_metrics(100, 0.9, 0.2, 1.0))[names[2]] is None  # outside the fixed lengths' range
-    assert checks(_metrics(100, 0.9, 0.45, 1.0, low=0.3, high=0.4))[names[0]] is False
+    names = list(checks(_full()))
+    assert list(checks(_full()).values()) == [True, True, True]  # 1.3 s against 1.148 s: more than 14.8% faster
+    assert checks(_full(const_seconds=1.0))[names[2]] is False  # no faster at all: clearly short of 14.8%
+    assert checks(_full(const_seconds=1.15))[names[2]] is None  # about 15% faster: within noise of 14.8%
+    assert checks(_full(cost=0.5))[names[2]] is None  # draft too dear relative to the target: undecided
+    assert checks(_full(svip_accept=0.52))[names[1]] is None  # within noise of fixed-5's acceptance
+    assert checks(_full(svip_accept=0.3))[names[1]] is False
+    assert checks(_full(low=[0.5, 0.4, 0.6] * 10, high=[0.45, 0.5, 0.55] * 10))[names[0]] is None
+    assert checks(_full(low=[0.3, 0.4, 0.2] * 10, high=[0.8, 0.9, 0.7] * 10))[names[0]] is False
+    assert checks(_full(low=[], high=[]))[names[0]] is None
+
+
+def test_preconditions_by_hand():
+    assert all(preconditions(_full()).values())
+    pre = list(preconditions(_full(identical=False, target_ratio=0.9, above=1.0)).values())
+    assert pre == [False, False, False]  # not lossless; drafts rarely accepted; every draft above the threshold
+    assert list(preconditions(_full(above=None)).values())[2] is None
 
 
 def test_entropy_acceptance_counts_only_verified_drafts():
@@ -247,3 +276,32 @@ def test_entropy_acceptance_counts_only_verified_drafts():
     # round 1: 0.1 and 0.2 accepted, 3.0 rejected, 4.0 never verified; round 2: both accepted
     assert out["drafts"] == 5
     assert out["low_third"] == 1.0 and out["high_third"] == 0.0  # thirds of 5 sorted drafts: 2, 2, 1 (3.0: rejected)
+    assert out["per_problem_low"] == [1.0] and out["per_problem_high"] == [0.0]  # one problem, drafts in both
+    assert entropy_acceptance([g], threshold=1.0)["above_threshold_share"] == pytest.approx(2 / 5)
+
+
+def test_entropy_thirds_per_problem():
+    a = SimpleNamespace(stats={"round_entropies": [[0.1, 3.0]], "round_accepted": [1]})  # low accepted, high not
+    b = SimpleNamespace(stats={"round_entropies": [[0.2, 0.3, 5.0]], "round_accepted": [3]})  # all accepted
+    c = SimpleNamespace(stats={"round_entropies": [[2.0]], "round_accepted": [0]})  # middle only
+    out = entropy_acceptance([a, b, c])
+    # 6 drafts sorted: 0.1 0.2 | 0.3 2.0 | 3.0 5.0; a has low (0.1, ok) and high (3.0, rejected); b: 0.2 ok, 5.0 ok
+    assert out["per_problem_low"] == [1.0, 1.0] and out["per_problem_high"] == [0.0, 1.0]
+
+
+def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    target, tok = tiny("gpt2", 0), SpaceTokenizer()  # learned positions: 64
+    roomy = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=256)).eval()
+    long_prompt = " ".join(["1"] * 70)
+    with pytest.raises(ValueError, match="target model has 64"):
+        speculative_decode(target, roomy, tok, long_prompt, FixedLength(2), max_new_tokens=4)
+    with pytest.raises(ValueError, match="draft model has 64"):
+        speculative_decode(roomy, target, tok, long_prompt, FixedLength(2), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_decode(target, target, tok, "1 2 3", SVIP(), max_new_tokens=62)
+    with pytest.raises(ValueError, match="target model has 64"):
+        transformers_assisted_decode(target, roomy, tok, long_prompt, max_new_tokens=4)
+    with pytest.raises(ValueError, match="policy"):
+        speculative_decode(target, target, tok, "1 2", policy=5)

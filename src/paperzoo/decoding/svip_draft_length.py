@@ -64,6 +64,10 @@ Deviations from the official code:
 - The official code feeds the target the prompt without its last token first, so that
   every round has at least one uncached token; our caches are cropped to the accepted
   prefix minus one token, which achieves the same thing without a separate prefill.
+
+A prompt whose length plus `max_new_tokens` exceeds either model's positions is refused
+before any pass, naming the limit (rather than an IndexError from a learned position
+table mid-way).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from paperzoo.core.sampling import check_positions
 from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prompt_ids
 
 SVIP_C = 0.15  # official code: torch.sqrt(entropy * 0.15)
@@ -189,9 +194,14 @@ def speculative_decode(target, draft, tokenizer, prompt: str, policy: LengthPoli
         raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError(f"sampling needs a temperature > 0, not {temperature}")
+    if not isinstance(policy, (FixedLength, SVIP)):
+        raise ValueError(f"policy must be SVIP(...) or FixedLength(gamma), not {policy!r}")
     if target.get_output_embeddings().weight.shape[0] != draft.get_output_embeddings().weight.shape[0]:
         raise ValueError("the draft and target models must share a vocabulary (different output sizes)")
     prompt_tokens = prompt_ids(tokenizer, prompt)[0].tolist()
+    # drafts never run past max_new_tokens - 1 generated tokens, so both models need prompt + max_new_tokens positions
+    check_positions(target, len(prompt_tokens), max_new_tokens, what="target model")
+    check_positions(draft, len(prompt_tokens), max_new_tokens, what="draft model")
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     T = temperature if do_sample else 1.0
@@ -264,7 +274,11 @@ def transformers_assisted_decode(target, draft, tokenizer, prompt: str, max_new_
     ``assistant_confidence_threshold``, 0.4 at first). transformers tunes that threshold
     in place on the draft's config; it is restored after the call, so calls are independent.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     ids = prompt_ids(tokenizer, prompt)
+    check_positions(target, ids.shape[1], max_new_tokens, what="target model")
+    check_positions(draft, ids.shape[1], max_new_tokens, what="draft model")
     eos = tokenizer.eos_token_id
     saved = copy.deepcopy(draft.generation_config)
     try:

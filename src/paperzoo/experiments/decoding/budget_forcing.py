@@ -24,9 +24,11 @@ is meant to be re-run on the reflective reasoner of the substrate issue.
 Margins. Scaling (the paper's mean pairwise slope of accuracy against mean thinking
 tokens) is linear in the accuracies once the thinking-token coordinates are fixed
 (`scaling_weights`), so it splits into one term per problem; a Scaling check passes
-only when the percentile-bootstrap interval over problems of that mean lies above
-zero. Flattening compares, per problem, the gain from N = 2 to 4 with the gain from
-N = 0 to 2 and fails only when the later gain is clearly (bootstrap) the larger.
+when the percentile-bootstrap interval over problems of that mean lies above zero,
+fails when it lies below, and is undecided when it straddles zero
+(`paperzoo.core.margins.decided`). Flattening compares, per problem, the gain from
+N = 0 to 2 with the gain from N = 2 to 4, in the same three-way manner, and is judged
+only when extensions help at all.
 
 Set-up hyper-parameters: the budgets (0 .. 48 tokens, about a whole trace) and N = 0 ..
 4 follow the paper's figures scaled to traces of 20-60 characters; the cap of 128
@@ -42,8 +44,9 @@ comparison of means, with no preconditions. Verdict at `small`, seed 0: not
 reproduced (capping scaled accuracy, 0.8% at budget 0 to 17.2% uncapped, but forced
 'Wait' dropped it to 2-3%: the reasoner never learned to re-check). What is compared
 is unchanged; the preconditions make a reasoner that cannot re-check give
-"inconclusive" instead of a verdict on the paper, and each Scaling check now needs a
-margin over problems.
+"inconclusive" instead of a verdict on the paper, and each check now needs a margin
+over problems (for flattening: the earlier gain clearly larger, where a bare "<=" on
+two means passed on ties).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import re
 import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, clearly_greater
+from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import END_THINK, extract_answer, problems, reasoner
 from paperzoo.decoding.budget_forcing import budget_force_batch, scaling, scaling_weights
 
@@ -120,18 +123,18 @@ def checks(m: dict) -> dict[str, bool | None]:
     caps = [r for r in m["rows"] if r["kind"] == "cap"]
     waits = sorted((r for r in m["rows"] if r["kind"] == "wait"), key=lambda r: r["N"])
     cap_terms, wait_terms = per_problem_scaling(caps), per_problem_scaling(waits)
-    extensions_help = None if wait_terms is None else bootstrap_mean(wait_terms).above(0)
+    extensions_help = None if wait_terms is None else decided(bootstrap_mean(wait_terms))
     by_n = {r["N"]: np.asarray(r["correct"], dtype=float) for r in waits}
     flattening = None
     if extensions_help and {0, 2, 4} <= set(by_n):
-        flattening = not clearly_greater(by_n[4] - by_n[2], by_n[2] - by_n[0])
+        flattening = decided(paired_difference(by_n[2] - by_n[0], by_n[4] - by_n[2]))
     return {
         "budget forcing keeps every capped run within its thinking budget (Control = 100%)": m["control"] == 1.0,
         "accuracy rises with the forced-stop thinking budget (Scaling > 0 beyond the bootstrap interval)":
-            None if cap_terms is None else bootstrap_mean(cap_terms).above(0),
+            None if cap_terms is None else decided(bootstrap_mean(cap_terms)),
         "forced 'Wait' extensions raise accuracy (Scaling over N = 0..4 > 0 beyond the bootstrap interval)":
             extensions_help,
-        "gains flatten: the gain from N = 2 to 4 is not clearly larger than from N = 0 to 2": flattening,
+        "gains flatten: the gain from N = 0 to 2 is larger than from N = 2 to 4": flattening,
     }
 
 
@@ -148,8 +151,8 @@ CLAIM = Claim(
         "its budget; (2) the paper's Scaling metric (mean pairwise slope of accuracy against mean thinking "
         "tokens) is positive over forced early stops at budgets 0 .. 48 tokens plus no cap, and (3) over "
         "N = 0 .. 4 forced 'Wait' extensions, each beyond the 95% bootstrap interval over problems; (4) if "
-        "extensions help, the gain from N = 2 to 4 is not clearly larger than from N = 0 to 2 (undecided "
-        "otherwise). Judged only if the reasoner re-checks after 'Wait' and its re-checks sometimes fix a "
+        "extensions help, the gain from N = 0 to 2 is larger than from N = 2 to 4 (undecided otherwise). "
+        "Judged only if the reasoner re-checks after 'Wait' and its re-checks sometimes fix a "
         "wrong step (preconditions)."
     ),
     checks=checks,

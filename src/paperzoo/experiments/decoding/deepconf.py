@@ -29,8 +29,10 @@ problems), majority voting is off its floor and ceiling, and on some problems a
 right trace is outvoted (else no vote can beat majority voting).
 
 Margins: every accuracy and token comparison is paired by problem and passes only
-when the percentile-bootstrap interval over problems of the difference lies beyond
-zero (`paperzoo.core.margins.clearly_greater`).
+when the percentile-bootstrap interval over problems of the difference lies above
+zero; it fails when the interval lies below zero, and is undecided when it straddles
+zero (`paperzoo.core.margins.decided`). "Low or high" passes if either arm passes and
+fails only if both fail.
 
 Earlier predicate (until issue 9): "(1) offline DeepConf-low (top 10% by lowest
 group confidence, weighted vote) is at least as accurate as majority voting over the
@@ -55,7 +57,7 @@ from __future__ import annotations
 import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, clearly_greater
+from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer, problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.deepconf import (
@@ -88,16 +90,22 @@ def preconditions(m: dict) -> dict[str, bool | None]:
     }
 
 
+def either(results) -> bool | None:
+    """Three-valued OR: True if any is True, False if all are False, else undecided."""
+    results = list(results)
+    return True if any(r is True for r in results) else False if all(r is False for r in results) else None
+
+
 def checks(m: dict) -> dict[str, bool | None]:
     pp = m["per_problem"]
     maj = pp["majority_correct"]
     return {
         "offline DeepConf-low or -high is more accurate than majority voting on the same traces":
-            any(clearly_greater(pp["offline_correct"][name], maj) for name in ETAS),
+            either(decided(paired_difference(pp["offline_correct"][name], maj)) for name in ETAS),
         "online DeepConf-low or -high is more accurate than majority voting at the same budget":
-            any(clearly_greater(pp["online_correct"][name], maj) for name in ETAS),
+            either(decided(paired_difference(pp["online_correct"][name], maj)) for name in ETAS),
         "online DeepConf-low generates fewer tokens than majority voting at the same budget":
-            clearly_greater(pp["majority_tokens"], pp["online_tokens"]["low"]),
+            decided(paired_difference(pp["majority_tokens"], pp["online_tokens"]["low"])),
     }
 
 

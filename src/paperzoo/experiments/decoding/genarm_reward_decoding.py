@@ -31,10 +31,12 @@ ceiling. A reward model at chance cannot guide anything, and a verdict on top of
 would say nothing about the paper.
 
 Margins: the win rate (per problem, the mean over its K paired samples of 1 for a GenARM
-win, 1/2 for a tie) must exceed 0.5 beyond the bootstrap interval over problems; GenARM
-must beat the untrained-ARM control beyond the paired bootstrap interval over problems;
-and must not be clearly less accurate than best-of-2 (its bootstrap interval of the
-difference not entirely below zero).
+win, 1/2 for a tie) must exceed 0.5 beyond the bootstrap interval over problems, and
+GenARM must beat the untrained-ARM control beyond the paired bootstrap interval over
+problems; each fails when its interval lies wholly on the other side and is undecided
+when it straddles (`paperzoo.core.margins.decided`). GenARM must not be clearly less
+accurate than best-of-2: that check fails only when the interval of the difference lies
+wholly below zero.
 
 Set-up hyper-parameters: every ARM training setting is the official recipe's; only the
 amount of data is ours. The number of pairs (training problems x samples, pairs per
@@ -63,7 +65,7 @@ import time
 import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, clearly_greater
+from paperzoo.core.margins import bootstrap_mean, clearly_greater, decided, paired_difference
 from paperzoo.core.reasoning import is_correct, problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.genarm_reward_decoding import (
@@ -125,9 +127,9 @@ def checks(m: dict) -> dict[str, bool | None]:
     pp = m["per_problem"]
     return {
         "GenARM beats the base model's samples (ground-truth win rate > 50% beyond the bootstrap interval)":
-            bootstrap_mean(pp["win"]).above(0.5),
+            decided(bootstrap_mean([w - 0.5 for w in pp["win"]])),
         "GenARM beats the same decoding with an untrained ARM (the gain is from the learned reward)":
-            clearly_greater(pp["genarm"], pp["sharpened_control"]),
+            decided(paired_difference(pp["genarm"], pp["sharpened_control"])),
         f"GenARM is not clearly less accurate than best-of-{MATCHED_N} with the same reward model (matched compute)":
             not clearly_greater(pp["best_of_matched"], pp["genarm"]),
     }
@@ -174,7 +176,7 @@ _ARM = {"beta_r": PAPER_BETA_R, "lora_rank": PAPER_LORA_RANK, "lora_alpha": PAPE
 SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "pair_samples": 4, "pairs_per_problem": 4, **_ARM,
               "arm_batch": 4, "test_problems": 4, "samples": 2, "best_of": 4, "max_new_tokens": 40},
-    "small": {"reasoner": "small", "train_problems": 1024, "pair_samples": 8, "pairs_per_problem": 4, **_ARM,
+    "small": {"reasoner": "small", "train_problems": 1024, "pair_samples": 8, "pairs_per_problem": 8, **_ARM,
               "test_problems": 64, "samples": 4, "best_of": 16, "max_new_tokens": 80},
 }
 

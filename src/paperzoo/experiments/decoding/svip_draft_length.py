@@ -23,6 +23,49 @@ On a 2-core CPU the tiny draft is not cheap relative to the tiny target (a forwa
 pass is mostly framework overhead here, not memory traffic as on a GPU), so wall-clock
 speed-ups over plain decoding need not appear even where target passes fall; both are
 reported.
+
+Preconditions (what the claim needs from the set-up): the speculative loop is lossless
+here (every output of our loop equals the target's greedy output); the draft agrees
+with the target often enough for speculation to matter (fixed length 5 needs at most
+0.8 target passes per generated token, the bootstrap interval over problems below it,
+i.e. a draft token is accepted roughly one time in five or more); and the draft's
+entropy straddles SVIP's stopping threshold (between 5% and 95% of the verified drafts
+lie above it), or the rule has nothing to decide and SVIP is a fixed length in disguise.
+
+The wall-clock claim is measured in a regime the paper's pairs define: their drafts
+are 9-43x smaller than their targets (Pythia 160M / 6.9B, Qwen2.5 0.5B / 14B, LLaMA-3
+8B / 70B), so a draft pass costs a small fraction of a target pass. A wall-clock
+comparison at a cost ratio far from that weighs drafted tokens very differently, so
+the wall-clock check is decided only when a draft pass costs at most a quarter of a
+target pass here (measured in the same run); otherwise it is undecided and the
+verdict cannot be `reproduced`. The substrate issue asks the draft to be at least 4x
+cheaper per pass than the target.
+
+Margins: every comparison is paired by problem and passes when the percentile-bootstrap
+interval over problems lies above zero, fails when it lies below, and is undecided
+when it straddles zero (`paperzoo.core.margins.decided`): per-problem acceptance rates for SVIP against
+fixed length 5; per-problem acceptance of the low- and high-entropy thirds of the
+verified fixed-8 drafts (thirds cut at the pooled terciles); and for wall-clock, the
+per-problem time of fixed length 5 against 1.148 times SVIP's (they emit the same
+tokens, so the ratio of summed times is the tokens/s ratio).
+
+Set-up hyper-parameters: SVIP's constants and the fixed length 5 are the official
+code's; the other fixed lengths span the draft lengths SVIP uses; problems, tokens and
+repeats are set by CPU time. None was chosen by looking at the checks.
+
+Earlier predicate (until issue 9): "(1) among drafts verified by the target under
+fixed length 8, the lowest third by draft entropy is accepted more often than the
+highest third; (2) SVIP has a higher acceptance rate than fixed length 5; (3) SVIP
+uses fewer draft passes per generated token than the cheapest round-by-round mix of
+two fixed lengths that needs as few target passes per token; (4) SVIP's tokens per
+second are at least 1.148x those of fixed length 5, measured on this CPU", each a
+bare comparison of pooled figures, with no preconditions. Verdict at `small`, seed 0:
+reproduced (1.32x the tokens/s of fixed length 5, acceptance 0.84 vs 0.54, output
+identical to greedy). Changes: (3) is a comparison the paper does not make (it reports
+acceptance rates and wall-clock speed-ups), so it is now reported, not checked; (4) is
+decided only at a draft-to-target cost ratio like the paper's (at most 1/4; the draft
+here measured about 1/2 per pass on a loaded 2-core CPU); each comparison needs a
+margin over problems.
 """
 
 from __future__ import annotations
@@ -30,6 +73,7 @@ from __future__ import annotations
 import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import draft_reasoner, is_correct, problems, reasoner
 from paperzoo.core.training import single_thread
 from paperzoo.decoding import greedy_decode
@@ -42,7 +86,12 @@ from paperzoo.decoding.svip_draft_length import (
 
 FIXED = (2, 4, 5, 8)
 PAPER_CONSTANT = 5  # official code: draft_length = 5 for the 'constant' policy
+OWN_LOOP = ("greedy (own loop)", *(f"fixed-{g}" for g in FIXED), "svip")  # the loop whose losslessness is assumed
 ENTROPY_BINS = 8
+PAPER_SPEEDUP = 1.148  # the smallest of the paper's average wall-clock gains over a constant length (table 1)
+PAPER_COST_RATIO = 0.25  # a draft pass must cost at most this share of a target pass to judge wall-clock
+SPECULATION_MATTERS = 0.8  # fixed length 5: at most this many target passes per generated token
+STRADDLE = (0.05, 0.95)  # share of verified drafts above SVIP's entropy threshold
 
 
 def fixed_frontier_draft_passes(m: dict, target_per_token: float) -> float | None:
@@ -62,19 +111,41 @@ def fixed_frontier_draft_passes(m: dict, target_per_token: float) -> float | Non
     return min(reachable) if reachable else None
 
 
+def _share(num: list[float], den: list[float]) -> list[float]:
+    return [n / d for n, d in zip(num, den)]
+
+
+def preconditions(m: dict) -> dict[str, bool | None]:
+    pp = m["per_problem"]
+    above = m["entropy_acceptance"]["above_threshold_share"]
+    fixed5 = pp[f"fixed-{PAPER_CONSTANT}"]
+    return {
+        "the speculative loop is lossless here (every output equals the target's greedy output)":
+            m["own_loop_identical_to_greedy"],
+        f"the draft agrees with the target often enough for speculation to matter (fixed length {PAPER_CONSTANT} "
+        f"needs at most {SPECULATION_MATTERS} target passes per token, beyond the bootstrap interval)":
+            bootstrap_mean(_share(fixed5["target_passes"], fixed5["tokens"])).below(SPECULATION_MATTERS),
+        f"the draft's entropy straddles SVIP's threshold ({STRADDLE[0]:.0%} to {STRADDLE[1]:.0%} of verified "
+        "drafts above it)": None if above is None else STRADDLE[0] <= above <= STRADDLE[1],
+    }
+
+
 def checks(m: dict) -> dict[str, bool | None]:
-    svip, const = m["methods"]["svip"], m["methods"][f"fixed-{PAPER_CONSTANT}"]
-    frontier = fixed_frontier_draft_passes(m, svip["target_passes_per_token"])
-    low, high = m["entropy_acceptance"]["low_third"], m["entropy_acceptance"]["high_third"]
+    pp = m["per_problem"]
+    svip, const = pp["svip"], pp[f"fixed-{PAPER_CONSTANT}"]
+    both = [i for i, (a, b) in enumerate(zip(svip["drafted"], const["drafted"])) if a and b]
+    low, high = m["entropy_acceptance"]["per_problem_low"], m["entropy_acceptance"]["per_problem_high"]
+    cheap = m["draft_to_target_cost"] <= PAPER_COST_RATIO
     return {
         "draft tokens of low entropy are accepted more often than those of high entropy (paper, fig. 2)":
-            None if low is None or high is None else low > high,
-        "SVIP's acceptance rate exceeds fixed length 5's (paper, fig. 5)":
-            svip["acceptance_rate"] > const["acceptance_rate"],
-        "SVIP needs fewer draft passes per token than fixed lengths at its target passes per token":
-            None if frontier is None else svip["draft_passes_per_token"] < frontier,
-        "SVIP is at least 14.8% faster in wall-clock than fixed length 5 (paper, table 1)":
-            svip["tokens_per_second"] >= 1.148 * const["tokens_per_second"],
+            None if not low else decided(paired_difference(low, high)),
+        f"SVIP's acceptance rate exceeds fixed length {PAPER_CONSTANT}'s (paper, fig. 5)":
+            None if not both else decided(paired_difference([svip["accepted"][i] / svip["drafted"][i] for i in both],
+                                                            [const["accepted"][i] / const["drafted"][i] for i in both])),
+        f"SVIP is at least {PAPER_SPEEDUP - 1:.1%} faster in wall-clock than fixed length {PAPER_CONSTANT} "
+        f"(paper, table 1; undecided unless a draft pass costs at most {PAPER_COST_RATIO:.0%} of a target pass)":
+            None if not cheap else decided(paired_difference(const["seconds"],
+                                                             [PAPER_SPEEDUP * t for t in svip["seconds"]])),
     }
 
 
@@ -88,20 +159,26 @@ CLAIM = Claim(
         "LLaMA-3 70B/8B; up to 17% on MT-Bench at 8K context in v2)."
     ),
     predicate=(
-        "Small reasoner as target and small draft reasoner as draft, greedy verification, held-out problems: "
-        "(1) among drafts verified by the target under fixed length 8, the lowest third by draft entropy is "
-        "accepted more often than the highest third; (2) SVIP (c = 0.15, threshold 0.3, cap 40) has a higher "
-        "acceptance rate than fixed length 5 (the official code's constant); (3) SVIP uses fewer draft "
-        "passes per generated token than the cheapest round-by-round mix of two fixed lengths (gamma in 0, "
-        "2, 4, 5, 8) that needs as few target passes per token (undecided outside their range); (4) SVIP's tokens per second are at "
-        "least 1.148x those of fixed length 5 (the paper's smallest average gain, table 1), measured on this CPU."
+        "Small reasoner as target and small draft reasoner as draft, greedy verification, held-out problems, "
+        "95% bootstrap intervals over problems: (1) among drafts verified by the target under fixed length 8, "
+        "the lowest third by draft entropy is accepted more often than the highest third; (2) SVIP (c = 0.15, "
+        "threshold 0.3, cap 40) has a higher acceptance rate than fixed length 5 (the official code's "
+        "constant); (3) SVIP's tokens per second are at least 1.148x those of fixed length 5 (the paper's "
+        "smallest average gain, table 1), measured on this CPU, and judged only where a draft pass costs at "
+        "most a quarter of a target pass, as for the paper's model pairs."
     ),
     checks=checks,
+    preconditions=preconditions,
+    source=("arXiv 2411.18462: fig. 2 (acceptance against draft entropy), eq. 2 and 5 (acceptance probability "
+            "and its entropy bound), fig. 5 (acceptance rates), table 1 (wall-clock speed-ups of 14.8%, 20.6% "
+            "and 20.9% over a constant draft length on SpecBench); official code Geralt-Targaryen/SVIP "
+            "(vanilla-sd/eval_specbench.py: sqrt(0.15 H) > 0.3; constant draft length 5)"),
 )
 
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ()
 SUBSTRATE = ('reasoner', 'draft')
+SEED_VARIES = "which held-out problems are drawn (decoding is greedy; wall-clock times vary with the machine's load)"
 
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 3, "max_new_tokens": 24, "repeats": 1},
@@ -110,23 +187,40 @@ SCALES = {
 }
 
 
-def entropy_acceptance(generations) -> dict:
-    """Acceptance of verified drafts against draft entropy: entropy-quantile bins and low/high thirds."""
-    H, ok = [], []
-    for g in generations:
+def entropy_acceptance(generations, threshold: float | None = None) -> dict:
+    """Acceptance of verified drafts against draft entropy: entropy-quantile bins, low/high thirds.
+
+    Also per problem (one generation each): the acceptance of its drafts in the pooled
+    lowest and highest entropy thirds, for problems with drafts in both; and the share of
+    verified drafts whose entropy is above `threshold`.
+    """
+    H, ok, owner = [], [], []
+    for p, g in enumerate(generations):
         for entropies, n in zip(g.stats["round_entropies"], g.stats["round_accepted"]):
             for i, h in enumerate(entropies[: n + 1]):  # drafts after the first rejection were never verified
                 H.append(h)
                 ok.append(i < n)
+                owner.append(p)
+    above = None if threshold is None or not H else float(np.mean(np.asarray(H) > threshold))
     if len(H) < 3:
-        return {"drafts": len(H), "bins": [], "low_third": None, "high_third": None}
-    H, ok = np.asarray(H), np.asarray(ok, dtype=float)
+        return {"drafts": len(H), "bins": [], "low_third": None, "high_third": None,
+                "per_problem_low": [], "per_problem_high": [], "above_threshold_share": above}
+    H, ok, owner = np.asarray(H), np.asarray(ok, dtype=float), np.asarray(owner)
     order = np.argsort(H, kind="stable")
     thirds = np.array_split(order, 3)
     bins = [{"entropy": float(H[b].mean()), "acceptance": float(ok[b].mean()), "drafts": len(b)}
             for b in np.array_split(order, min(ENTROPY_BINS, len(H))) if len(b)]
+    in_low, in_high = np.zeros(len(H), bool), np.zeros(len(H), bool)
+    in_low[thirds[0]], in_high[thirds[-1]] = True, True
+    low, high = [], []
+    for p in range(len(generations)):
+        mine = owner == p
+        if (mine & in_low).any() and (mine & in_high).any():
+            low.append(round(float(ok[mine & in_low].mean()), 5))
+            high.append(round(float(ok[mine & in_high].mean()), 5))
     return {"drafts": len(H), "bins": bins,
-            "low_third": float(ok[thirds[0]].mean()), "high_third": float(ok[thirds[-1]].mean())}
+            "low_third": float(ok[thirds[0]].mean()), "high_third": float(ok[thirds[-1]].mean()),
+            "per_problem_low": low, "per_problem_high": high, "above_threshold_share": above}
 
 
 def seconds_per_pass(target, draft, tok, prompts, max_new_tokens) -> dict:
@@ -211,8 +305,19 @@ def measure(ctx: RunContext) -> Outcome:
         "best_fixed": best_fixed,
         "svip_speedup_vs_best_fixed": svip_row["tokens_per_second"] / rows[best_fixed]["tokens_per_second"],
         "all_outputs_identical_to_greedy": all(r["identical_to_greedy"] == 1.0 for r in rows.values()),
-        "entropy_acceptance": entropy_acceptance(gens["fixed-8"]),
+        "own_loop_identical_to_greedy": all(rows[n]["identical_to_greedy"] == 1.0 for n in names if n in OWN_LOOP),
+        "entropy_acceptance": entropy_acceptance(gens["fixed-8"], svip.tau ** 2 / svip.c),
+        # per problem, for margins: each method's tokens, passes, drafts and best wall time
+        "per_problem": {name: {
+            "tokens": [g.num_tokens for g in gens[name]],
+            "target_passes": [g.forward_passes for g in gens[name]],
+            "draft_passes": [g.stats.get("draft_passes", 0) for g in gens[name]],
+            "drafted": [g.stats.get("drafted_tokens", 0) for g in gens[name]],
+            "accepted": [g.stats.get("accepted_tokens", 0) for g in gens[name]],
+            "seconds": [float(f"{t:.5g}") for t in wall[name]],
+        } for name in names},
     }
+    # reported, not checked (a comparison the paper does not make): SVIP against mixes of fixed lengths
     metrics["svip_frontier_draft_passes_per_token"] = fixed_frontier_draft_passes(
         metrics, svip_row["target_passes_per_token"])
     return Outcome(metrics, lambda fig: plot(fig, metrics))
