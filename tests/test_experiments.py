@@ -73,26 +73,3 @@ def test_catalogue_status_matches_the_code():
         elif p.status == "mapped":  # a survey whose deliverable is its taxonomy mapped onto paperzoo
             assert p.kind == "survey" and survey_map(p.slug), f"{p.slug} is marked mapped but has no survey map"
             assert not has_method, f"{p.slug} has a method: its status is its verdict, not mapped"
-
-
-def test_layer_pruning_predicate_by_hand():
-    from paperzoo.experiments.compression.layer_pruning import checks
-
-    rows = [{"method": m, "n": 1, "pruned_perplexity": p, "healed_perplexity": h}
-            for m, p, h in (("angular", 10.0, 9.0), ("random", 20.0, 8.0), ("random", 5.0, 8.0), ("deepest", 1.0, 1.0))]
-    got = checks({"blocks": rows, "half_layers_healed_ratio": 1.25})
-    # angular 10 vs random geometric mean 10: not strictly better; healed 9 > 8: worse; 1.25 > 1.2
-    assert list(got.values()) == [False, False, False]
-    rows[0].update(pruned_perplexity=9.9, healed_perplexity=7.9)
-    assert list(checks({"blocks": rows, "half_layers_healed_ratio": 1.2}).values()) == [True, True, True]
-
-
-def test_undertrained_predicate_by_hand():
-    from paperzoo.experiments.phenomena.undertrained_tokens import checks
-
-    assert checks({"never_seen": 0}) == {"training left some tokenizer tokens unseen": None}
-    m = {"never_seen": 5, "auroc_never_vs_seen": 0.95,
-         "by_percentile": [{"percentile": 2.0, "precision_never_or_rare": 0.5}]}
-    assert all(checks(m).values())
-    m["by_percentile"][0]["precision_never_or_rare"] = 0.49
-    assert list(checks(m).values()) == [False, True]

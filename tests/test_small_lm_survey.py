@@ -153,16 +153,16 @@ def test_predicate_by_hand():
     rows = _rows()
     assert list(checks(_metrics(rows)).values()) == [True, True, True, True]
     assert list(checks(_metrics(rows, noise=0.02)).values()) == [True, True, True, True]
-    rows[1]["decode_ms_per_token"] = 10.0  # GQA no faster than MHA: fails
+    rows[1]["decode_ms_per_token"] = 11.0  # GQA slower than MHA: fails
     rows[2]["kv_cache_mb"] = 1.0  # MQA's cache not below GQA's
     rows[5]["decode_ms_per_token"] = 25.0  # 8k vocab slower than 32k: not increasing
     rows[7]["decode_ms_per_token"] = 5.0  # the narrow model faster than the wide one
     assert list(checks(_metrics(rows)).values()) == [False, False, False, False]
-    # GQA faster on average (8.9 vs 10 ms) but slower in two of five rounds: not beyond the spread over rounds
+    # GQA faster on average (8.9 vs 10 ms) but slower in two of five rounds: undecided, not beyond the spread
     m = _metrics(_rows(), rounds=5)
     m["per_round_decode_ms"]["attention: MHA 8192 256"] = [10.0] * 5
     m["per_round_decode_ms"]["attention: GQA 8192 256"] = [7.0, 7.5, 11.0, 7.0, 12.0]
-    assert list(checks(m).values())[1] is False
+    assert list(checks(m).values())[1] is None
 
 
 def test_preconditions_by_hand():

@@ -279,9 +279,13 @@ def test_predicate_by_hand():
     assert list(checks(m).values()) == [True, True, True, True, True]
     # x8 is not a collapse, so recovery is undecidable; a 3.5% control is too much
     assert list(checks(_metrics(8.0, [1.035], 3.0, 1.10, 1.16, 1.16)).values())[:3] == [False, False, None]
-    # full recovery is not "part"; no recovery either
-    assert list(checks(_metrics(20.0, [1.0], 1.0, 1.10, 1.16, 1.16)).values())[2] is False
-    assert list(checks(_metrics(20.0, [1.0], 20.0, 1.10, 1.16, 1.16)).values())[2] is False
+    # restoring that lands on the original (or leaves the zeroed loss) within noise cannot be called partial:
+    # undecided; restoring that makes things worse than zeroing fails
+    assert list(checks(_metrics(20.0, [1.0], 1.0, 1.10, 1.16, 1.16)).values())[2] is None
+    assert list(checks(_metrics(20.0, [1.0], 20.0, 1.10, 1.16, 1.16)).values())[2] is None
+    assert list(checks(_metrics(20.0, [1.0], 40.0, 1.10, 1.16, 1.16)).values())[2] is False
+    # a control near the 3% bound is undecided, one clearly beyond it fails
+    assert list(checks(_metrics(20.0, [1.0299], 3.0, 1.10, 1.16, 1.16)).values())[1] is None
     # clipping alone gives the whole gain: holding out beats plain RTN but not clip-only
     assert list(checks(_metrics(20.0, [1.0], 3.0, 1.10, 1.16, 1.105)).values())[3:] == [True, False]
     # a 0.5% gain is not the 1% asked for

@@ -222,10 +222,14 @@ def test_predicate_and_preconditions_by_hand():
     assert list(preconditions({**base, "base_sequence_loss": [7.5, 7.4]}).values()) == [False, True]
     m = {"candidates_never_or_rare": [1.0] * 60 + [0.0] * 20, "auroc_items": [1.0] * 45 + [0.9] * 5}
     assert list(checks(m).values()) == [True, True]
-    # point estimates above the thresholds are not enough: the interval must clear them
+    # point estimates above the thresholds are not enough: the interval must clear them (else undecided)
     m = {"candidates_never_or_rare": [1.0] * 11 + [0.0] * 9, "auroc_items": [1.0] * 8 + [0.6] * 2}
     assert np.mean(m["candidates_never_or_rare"]) > 0.5 and np.mean(m["auroc_items"]) > 0.9
-    assert list(checks(m).values()) == [False, False]
+    assert list(checks(m).values()) == [None, None]
+    # 6% of candidates under-trained fails; an AUROC of 0.88 over 88 tokens is too close to 0.9 to decide
+    m = {"candidates_never_or_rare": [1.0] * 5 + [0.0] * 74, "auroc_items": [1.0] * 70 + [0.4] * 18}
+    assert list(checks(m).values()) == [False, None]
+    assert list(checks({**m, "auroc_items": [1.0] * 50 + [0.4] * 38}).values()) == [False, False]
     assert list(checks({"candidates_never_or_rare": [], "auroc_items": []}).values()) == [None, None]
 
 
@@ -239,3 +243,16 @@ def test_unembedding_matrix_of_gpt2_and_a_headless_model():
     with pytest.raises(ValueError):
         unembedding_matrix(Headless())
     assert unembedding_matrix(tiny("gpt2")).shape == (64, 32)
+
+
+def test_experiment_scores_the_official_indicator_for_an_untied_model(smoke_lm, tmp_path):
+    from paperzoo.core.experiment import run_experiment
+
+    record = run_experiment("undertrained-tokens", "smoke", out=tmp_path)
+    m = record["metrics"]
+    assert not smoke_lm.model.config.tie_word_embeddings and m["indicator"] == "input_embedding_norm"
+    assert m["auroc_never_vs_seen"] == m["auroc_input_embedding_norm"]
+    assert np.mean(m["auroc_items"]) == pytest.approx(m["auroc_never_vs_seen"], abs=1e-4)
+    assert {f"auroc_{name}" for name in INDICATORS} <= set(m)  # the others, reported beside it
+    assert len(m["candidates_never_or_rare"]) == m["by_percentile"][2]["candidates"]  # the 2nd percentile
+    assert set(record["preconditions"]) and record["seed_varies"] and record["source"]

@@ -132,6 +132,7 @@ def dequantize(W_int: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size
 
 def fake_quantize(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """W_hat = (clamp(round(W/s) + z, 0, 2^N - 1) - z) s, differentiable in W, s and z through the STE."""
+    _check_bits(bits)
     q_max = 2**bits - 1
     s = clamp_ste(s, S_MIN, math.inf)
     z = clamp_ste(round_ste(z), 0, q_max)
@@ -171,7 +172,15 @@ def _calibration_ids(model: nn.Module, calibration) -> torch.Tensor:
                          "blocks of token ids, e.g. cut from concatenated documents")
     _check_token_blocks("calibration", ids.long())
     check_token_ids(model, ids)
+    _check_positions(model, "each calibration sequence", ids.shape[1])
     return ids.long()
+
+
+def _check_positions(model: nn.Module, name: str, length: int) -> None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"{name} is {length} tokens long; the model takes at most {limit} positions")
 
 
 def _check_token_blocks(name: str, blocks, min_len: int = 1) -> None:
@@ -456,6 +465,8 @@ def e2e_qp(quantized: nn.Module, blocks: torch.Tensor, config: E2EQPConfig, seed
     if not isinstance(config, E2EQPConfig):
         raise ValueError(f"config must be an E2EQPConfig, got {type(config).__name__}")
     _check_token_blocks("blocks", blocks, min_len=config.seq_len)
+    check_token_ids(quantized, blocks)
+    _check_positions(quantized, "E2EQPConfig.seq_len", config.seq_len)
     for p in quantized.parameters():
         p.requires_grad_(False)
     for s in scales:
@@ -538,6 +549,8 @@ def efficient_qat(model: nn.Module, calibration: torch.Tensor, train_blocks: tor
     if not isinstance(e2e_config, E2EQPConfig):
         raise ValueError(f"e2e_config must be an E2EQPConfig, got {type(e2e_config).__name__}")
     _check_token_blocks("train_blocks", train_blocks, min_len=e2e_config.seq_len)
+    check_token_ids(model, train_blocks)
+    _check_positions(model, "e2e_config.seq_len", e2e_config.seq_len)
     quantized, stats = block_ap(model, calibration, bits, group_size, block_config)
     history = e2e_qp(quantized, train_blocks, e2e_config, seed=seed)
     return finish(quantized, model, bits, group_size, "EfficientQAT (Block-AP + E2E-QP, 2407.11062)", {

@@ -95,6 +95,10 @@ class RunContext:
     trust_remote_code: bool = False
     _lm: LanguageModel | None = field(default=None, repr=False)
 
+    def measure_on(self, lm: LanguageModel) -> None:
+        """Name the model the experiment really measured (e.g. a model it built from the base LM) in the record."""
+        self._lm = lm
+
     def language_model(self) -> LanguageModel:
         """The user's `--model` if given, else paperzoo's cached base LM for this scale."""
         if self._lm is None:

@@ -54,6 +54,19 @@ def decided(interval: Interval, at_least: float = 0.0) -> bool | None:
     return None
 
 
+def beats(a, b) -> bool | None:
+    """Arm a beats arm b on paired items: `decided` on the paired bootstrap interval of mean(a - b)."""
+    return decided(paired_difference(a, b))
+
+
+def all_of(values) -> bool | None:
+    """A three-way AND of checks: False if any is False, True if all are True, else None (undecided)."""
+    values = list(values)
+    if any(v is False for v in values):
+        return False
+    return True if all(v is True for v in values) else None
+
+
 def _values(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     v = np.asarray(x, dtype=np.float64).ravel()
     if v.size == 0:

@@ -251,6 +251,8 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
                              "with its vocabulary); save one beside the weights") from None
     if info.get("missing_keys"):  # a randomly initialised head would give silently wrong results
         raise ModelLoadError(f"{name_or_path!r} lacks weights: {', '.join(sorted(info['missing_keys'])[:3])}")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and others ship none; batching needs one (labels mask it)
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):  # token ids past the embedding table would fail deep inside a forward pass
         raise ModelLoadError(f"{name_or_path!r} embeds {rows} tokens but its tokenizer has {len(tokenizer)}; "

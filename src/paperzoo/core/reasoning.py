@@ -25,6 +25,10 @@ produces, for methods that need fresh tokens such as mask tokens). `reasoner(sca
 is a 4-layer Llama-style LM trained on correct traces by `core.training.train`, and
 `draft_reasoner(scale)` a 2-layer one for speculative decoding. Both share the
 tokenizer and are cached like the base LMs, keyed by everything that sets the weights.
+
+Version 2 (issue 10: a difficulty ladder, terse and verbose traces, reflective traces, and
+the card that measures a reasoner) is built beside this module, on the same prompt,
+tokenizer and held-out rule: `paperzoo.core.reasoning_tasks` and `paperzoo.core.reasoner_card`.
 """
 
 from __future__ import annotations

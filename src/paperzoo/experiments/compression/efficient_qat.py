@@ -11,9 +11,11 @@ added.
 
 Margins. Every model is scored on the same validation sequences, and each
 sequence's mean next-token NLL is kept (`sequence_nll` in the metrics). A check
-that compares two arms passes only when the paired percentile-bootstrap interval
-over sequences of their NLL difference lies beyond zero
-(`paperzoo.core.margins.clearly_greater`), so a 0.06% difference no longer counts.
+that compares two arms is decided by the paired percentile-bootstrap interval over
+sequences of their NLL difference (`paperzoo.core.margins.decided`): it passes when
+the interval lies beyond zero, fails when it lies on the wrong side, and is
+undecided (None, so `inconclusive`) when it straddles zero. A 0.06% difference no
+longer counts either way.
 
 Precondition: round-to-nearest at the lowest bit-width must raise the validation
 NLL beyond that same interval. On a model that shrugs off 2-bit RTN there is no
@@ -63,7 +65,7 @@ from paperzoo.compression.efficient_qat import (
     rtn,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.margins import clearly_greater
+from paperzoo.core.margins import all_of, beats, clearly_greater, decided, paired_difference
 
 METHODS = ("rtn", "block_ap", "efficient_qat")
 LABELS = {"rtn": "RTN", "block_ap": "Block-AP", "efficient_qat": "Block-AP + E2E-QP"}
@@ -94,6 +96,8 @@ def preconditions(m: dict) -> dict[str, bool | None]:
     }
 
 
+
+
 def checks(m: dict) -> dict[str, bool | None]:
     bits = _bits(m)
     low = min(bits)
@@ -106,13 +110,13 @@ def checks(m: dict) -> dict[str, bool | None]:
     half_way = 0.5 * (_nll(m, low, "rtn") + fp)
     return {
         "EfficientQAT beats RTN at every bit-width":
-            all(clearly_greater(_nll(m, b, "rtn"), _nll(m, b, "efficient_qat")) for b in bits),
+            all_of(beats(_nll(m, b, "rtn"), _nll(m, b, "efficient_qat")) for b in bits),
         "E2E-QP improves on Block-AP alone at every bit-width":
-            all(clearly_greater(_nll(m, b, "block_ap"), _nll(m, b, "efficient_qat")) for b in bits),
+            all_of(beats(_nll(m, b, "block_ap"), _nll(m, b, "efficient_qat")) for b in bits),
         "the margin over RTN is largest at the lowest bit-width":
-            all(clearly_greater(gain(low), gain(b)) for b in bits if b != low) if len(bits) > 1 else None,
+            all_of(beats(gain(low), gain(b)) for b in bits if b != low) if len(bits) > 1 else None,
         "at the lowest bit-width EfficientQAT removes at least half of RTN's excess log-perplexity":
-            clearly_greater(half_way, _nll(m, low, "efficient_qat")),
+            beats(half_way, _nll(m, low, "efficient_qat")),
     }
 
 
@@ -126,8 +130,9 @@ CLAIM = Claim(
     ),
     predicate=(
         "On the 12-layer base LM, block linear weights quantised to 2, 3 and 4 bits with group size 64, "
-        "scored by each validation sequence's mean NLL; every comparison must hold beyond the 95% paired "
-        "bootstrap interval over sequences: (1) Block-AP + E2E-QP has lower NLL than RTN at every bit-width; "
+        "scored by each validation sequence's mean NLL; every comparison holds when the 95% paired bootstrap "
+        "interval over sequences lies beyond zero, fails when it lies on the other side, and is undecided "
+        "otherwise: (1) Block-AP + E2E-QP has lower NLL than RTN at every bit-width; "
         "(2) lower than Block-AP alone at every bit-width; (3) its NLL gain over RTN is larger at 2 bits than "
         "at 3 and 4; (4) at 2 bits it removes at least half of RTN's excess NLL over the fp model, "
         "mean(NLL_EQAT - NLL_fp) <= 0.5 mean(NLL_RTN - NLL_fp). Precondition: 2-bit RTN raises the NLL "

@@ -14,10 +14,12 @@ Two measurements on the same operands for every arithmetic:
 Margins. Every arithmetic is measured on the same operand pairs and the same
 validation sequences, so comparisons are paired. Element-wise errors are kept as the
 means of ``CHUNKS`` chunks of the (shuffled) pairs, perplexities as each sequence's
-mean NLL; a check passes only when the paired percentile-bootstrap interval of the
-difference lies beyond its threshold (`paperzoo.core.margins.clearly_greater`). For
-the "as good as" checks (at most 1.25x the error, at most 1.01x the perplexity) that
-means the whole interval must lie inside the allowance: noise can no longer pass them.
+mean NLL; a check passes when the paired percentile-bootstrap interval of the
+difference lies beyond its threshold, fails when the interval lies wholly on the
+wrong side, and is undecided (None) when it straddles (`paperzoo.core.margins.decided`).
+For the "as good as" checks (at most 1.25x the error, at most 1.01x the perplexity)
+that means the whole interval must lie inside the allowance to pass, and wholly
+outside it to fail: noise can neither pass nor fail them.
 
 Precondition: the registered attention in exact arithmetic reproduces the model's
 own perplexity (the harness changes nothing but the arithmetic). The three
@@ -55,7 +57,7 @@ from paperzoo.compression.l_mul_multiplication import (
     simulated_multiply,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.margins import clearly_greater
+from paperzoo.core.margins import beats, clearly_greater, decided, paired_difference
 
 ELEMENTWISE = ("l-mul-3", "l-mul-4", "l-mul-7", "fp8-e4m3", "fp8-e5m2", "bf16")
 SENSITIVITY_PROBE = "l-mul-1"  # a coarse arithmetic that must cost more than the allowance (perplexity checks)
@@ -87,18 +89,19 @@ def attention_can_fail(m: dict) -> bool:
     return clearly_greater(_nll(m, SENSITIVITY_PROBE), _nll(m, "exact") + math.log(LOSSLESS))
 
 
+
 def checks(m: dict) -> dict[str, bool | None]:
     out = {}
     for source, label in (("gaussian", "normal operands"), ("attention", "the LM's attention operands")):
-        out[f"L-Mul m=3 is more precise than fp8 e5m2 ({label})"] = clearly_greater(
+        out[f"L-Mul m=3 is more precise than fp8 e5m2 ({label})"] = beats(
             _chunks(m, source, "fp8-e5m2"), _chunks(m, source, "l-mul-3"))
-        out[f"L-Mul m=4 is comparable to fp8 e4m3, error <= {COMPARABLE}x ({label})"] = clearly_greater(
+        out[f"L-Mul m=4 is comparable to fp8 e4m3, error <= {COMPARABLE}x ({label})"] = beats(
             COMPARABLE * _chunks(m, source, "fp8-e4m3"), _chunks(m, source, "l-mul-4"))
     allowance = math.log(LOSSLESS)  # ppl_a <= 1.01 ppl_b  <=>  mean NLL_a - mean NLL_b <= log 1.01
     testable = attention_can_fail(m)  # else "almost lossless" would hold for any arithmetic: undecidable
 
     def within(reference: str, arithmetic: str) -> bool | None:
-        return clearly_greater(_nll(m, reference) + allowance, _nll(m, arithmetic)) if testable else None
+        return beats(_nll(m, reference) + allowance, _nll(m, arithmetic)) if testable else None
 
     out[f"L-Mul attention on bf16 mantissas (m=7) is almost lossless, ppl <= {LOSSLESS}x exact"] = within(
         "exact", "l-mul-7")
@@ -122,8 +125,9 @@ CLAIM = Claim(
         "perplexity of the base LM with its attention matmuls in each arithmetic: (5) L-Mul on bf16 mantissas "
         "(m=7) at most 1.01x exact fp32 attention; (6) L-Mul m=3 at most 1.01x fp8 e5m2 attention; (7) L-Mul "
         "m=4 at most 1.01x fp8 e4m3 attention. fp8 operands use a per-tensor power-of-two scale. Each "
-        "comparison must hold beyond the 95% paired bootstrap interval: over 200 chunks of the operand pairs "
-        "for errors, over validation sequences (mean NLL) for perplexities. (5-7) are decided only when L-Mul "
+        "comparison holds when its 95% paired bootstrap interval lies inside the claim, fails when it lies "
+        "wholly outside, and is undecided otherwise: over 200 chunks of the operand pairs for errors, over "
+        "validation sequences (mean NLL) for perplexities. (5-7) are decided only when L-Mul "
         "with a 1-bit mantissa raises perplexity by more than 1% beyond that interval (else undecidable)."
     ),
     checks=checks,

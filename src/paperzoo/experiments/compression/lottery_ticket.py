@@ -13,8 +13,10 @@ Metrics are means over trials, as in the paper (which averages five).
 
 Margins. Every comparison is paired by trial (a trial's dense network, its winning
 tickets and their re-initialised controls share θ_0's draw and the data order) and
-passes only when the percentile-bootstrap interval over trials of the difference
-lies beyond zero (`paperzoo.core.margins.clearly_greater`).
+is decided by the percentile-bootstrap interval over trials of the difference
+(`paperzoo.core.margins.decided`): it passes when the interval lies beyond zero,
+fails when it lies on the wrong side, and is undecided (None, so `inconclusive`)
+when it straddles zero.
 
 Preconditions: the dense network trains (mean test accuracy at early stop at least
 five times chance, 50%, beyond the bootstrap interval over trials), and its
@@ -54,7 +56,7 @@ from paperzoo.compression.lottery_ticket import (
     remaining_fraction,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.margins import bootstrap_mean, clearly_greater
+from paperzoo.core.margins import all_of, beats, bootstrap_mean, decided, paired_difference
 from paperzoo.core.training import single_thread
 
 MODERATE = 0.2  # "winning tickets ... down to 21.1% learn faster and reach higher test accuracy" (Lenet)
@@ -71,6 +73,8 @@ def _mean(level: dict, kind: str, key: str) -> float:
 
 def _per_trial(level: dict, kind: str, key: str) -> list[float]:
     return [float(v) for v in level[kind][key]]
+
+
 
 
 def preconditions(m: dict) -> dict[str, bool | None]:
@@ -92,7 +96,7 @@ def checks(m: dict) -> dict[str, bool | None]:
     sparse = [lv for lv in compared if lv["remaining"] <= SPARSE]
 
     def every(group: list[dict], holds) -> bool | None:
-        return all(holds(lv) for lv in group) if group else None
+        return all_of(holds(lv) for lv in group) if group else None
 
     def stop(lv: dict, kind: str) -> list[float]:  # per trial
         return _per_trial(lv, kind, "early_stop_iteration")
@@ -104,19 +108,19 @@ def checks(m: dict) -> dict[str, bool | None]:
     least_sparse = max(compared, key=lambda lv: lv["remaining"]) if compared else None
     return {
         "winning tickets with 20-100% of weights left stop early sooner than the original network":
-            every(moderate, lambda lv: clearly_greater(stop(dense, "winning"), stop(lv, "winning"))),
+            every(moderate, lambda lv: beats(stop(dense, "winning"), stop(lv, "winning"))),
         "winning tickets with 20-100% of weights left reach higher test accuracy than the original network":
-            every(moderate, lambda lv: clearly_greater(acc(lv, "winning"), acc(dense, "winning"))),
+            every(moderate, lambda lv: beats(acc(lv, "winning"), acc(dense, "winning"))),
         "winning tickets beat random re-initialisation of their mask in test accuracy at <= 25% left":
-            every(sparse, lambda lv: clearly_greater(acc(lv, "winning"), acc(lv, "reinit"))),
+            every(sparse, lambda lv: beats(acc(lv, "winning"), acc(lv, "reinit"))),
         "winning tickets stop early sooner than random re-initialisation of their mask at <= 25% left":
-            every(sparse, lambda lv: clearly_greater(stop(lv, "reinit"), stop(lv, "winning"))),
+            every(sparse, lambda lv: beats(stop(lv, "reinit"), stop(lv, "winning"))),
         "re-initialised tickets lose accuracy with sparsity (sparsest below the original and below the least sparse)":
-            None if sparsest is None or sparsest is least_sparse else bool(
-                clearly_greater(acc(dense, "winning"), acc(sparsest, "reinit"))
-                and clearly_greater(acc(least_sparse, "reinit"), acc(sparsest, "reinit"))),
+            None if sparsest is None or sparsest is least_sparse else all_of([
+                beats(acc(dense, "winning"), acc(sparsest, "reinit")),
+                beats(acc(least_sparse, "reinit"), acc(sparsest, "reinit"))]),
         "re-initialised tickets learn slower than the original network at the sparsest level":
-            None if sparsest is None else clearly_greater(stop(sparsest, "reinit"), stop(dense, "winning")),
+            None if sparsest is None else beats(stop(sparsest, "reinit"), stop(dense, "winning")),
     }
 
 
@@ -139,8 +143,9 @@ CLAIM = Claim(
         "winning tickets have (3) higher test accuracy and (4) an earlier early-stop iteration than the same "
         "mask randomly re-initialised from the initial distribution; (5) re-initialised tickets at the "
         "sparsest level are less accurate than the dense network and than re-initialised tickets at the least "
-        "sparse level, and (6) stop early later than the dense network. Every comparison is paired by trial and "
-        "must hold beyond the 95% bootstrap interval over trials."
+        "sparse level, and (6) stop early later than the dense network. Every comparison is paired by trial: "
+        "it holds when the 95% bootstrap interval over trials lies beyond zero, fails when it lies on the other "
+        "side, and is undecided otherwise."
     ),
     checks=checks,
     preconditions=preconditions,

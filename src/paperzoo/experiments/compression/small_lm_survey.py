@@ -18,10 +18,11 @@ on one thread, in interleaved rounds: every variant once per round, the order
 rotated from round to round, so that load from other processes on a shared CPU and
 any drift within a round fall on all variants alike.
 
-Margins. A timing comparison is a ratio of two variants measured in the same round;
-it passes only when the percentile-bootstrap interval over rounds of the mean log
-ratio lies beyond zero (`paperzoo.core.margins.clearly_greater` on per-round log
-times, paired by round). KV-cache bytes are exact and the peak memory is the
+Margins. A timing comparison is a ratio of two variants measured in the same round,
+decided by the percentile-bootstrap interval over rounds of the mean log ratio
+(`paperzoo.core.margins.decided` on per-round log times, paired by round): it passes
+when the interval lies beyond zero, fails when it lies on the other side, and is
+undecided (None) when it straddles zero. KV-cache bytes are exact and the peak memory is the
 allocator's own deterministic count, so the memory checks compare single
 measurements.
 
@@ -54,7 +55,7 @@ from paperzoo.compression.small_lm_survey import (
     measure_inference,
 )
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
-from paperzoo.core.margins import clearly_greater, paired_difference
+from paperzoo.core.margins import all_of, decided, paired_difference
 
 SWEEPS = ("attention", "ffn_ratio", "vocabulary", "depth_width")
 AA_BAND = 0.10  # the A/A copy of the base model must time within +-10% of it (95% interval over rounds)
@@ -85,24 +86,24 @@ def preconditions(m: dict) -> dict[str, bool | None]:
     }
 
 
-def checks(m: dict) -> dict[str, bool]:
+def checks(m: dict) -> dict[str, bool | None]:
     attention = {r["attention"]: r for r in _sweep(m, "attention")}
     mha, gqa, mqa = attention["MHA"], attention["GQA"], attention["MQA"]
     vocab = sorted(_sweep(m, "vocabulary"), key=lambda r: r["vocab_size"])
     shapes = sorted(_sweep(m, "depth_width"), key=lambda r: r["hidden_size"])
     narrow, wide = shapes[0], shapes[-1]
 
-    def slower(a: dict, b: dict) -> bool:  # a decodes slower than b, beyond the spread over rounds
-        return clearly_greater(_log_times(m, a), _log_times(m, b))
+    def slower(a: dict, b: dict) -> bool | None:  # a decodes slower than b: shown, refuted, or undecided
+        return decided(paired_difference(_log_times(m, a), _log_times(m, b)))
+
 
     return {
         "GQA and MQA hold less KV cache and peak memory than MHA (MQA < GQA < MHA)": (
             mqa["kv_cache_mb"] < gqa["kv_cache_mb"] < mha["kv_cache_mb"]
             and mqa["peak_memory_mb"] < gqa["peak_memory_mb"] < mha["peak_memory_mb"]),
         "GQA decodes faster per token than MHA": slower(mha, gqa),
-        "a larger vocabulary costs peak memory and decode latency": (
-            _increasing([r["peak_memory_mb"] for r in vocab])
-            and all(slower(b, a) for a, b in itertools.pairwise(vocab))),
+        "a larger vocabulary costs peak memory and decode latency": all_of(
+            [_increasing([r["peak_memory_mb"] for r in vocab]), *(slower(b, a) for a, b in itertools.pairwise(vocab))]),
         "at about equal parameters the deep-narrow model decodes slower than the shallow-wide one": slower(narrow, wide),
     }
 
@@ -122,7 +123,8 @@ CLAIM = Claim(
         "MQA (1); (2) GQA's per-token decode latency is below MHA's; (3) peak memory and decode latency strictly "
         "rise with the vocabulary (2k, 8k, 32k); (4) at about the base parameter count, the narrowest, deepest "
         "model (d=128) decodes slower than the widest, shallowest one (d=384). Every latency comparison is the "
-        "per-round ratio of the two variants, and must exceed 1 beyond the 95% bootstrap interval over rounds. "
+        "per-round ratio of the two variants: it holds when the 95% bootstrap interval over rounds lies above 1, "
+        "fails when it lies below, and is undecided otherwise. "
         "Precondition: an A/A copy of the base model times within +-10% of it. FFN ratios 2/4/8 are measured "
         "and reported but carry no predicate: the survey ties the ratio to accuracy, not to a runtime finding."
     ),

@@ -20,8 +20,9 @@ quantisation checks ask for a gain over plain round-to-nearest, so plain 4-bit
 per-tensor round-to-nearest must cost at least that gain to begin with.
 
 Margins. Every comparison is paired over validation sequences (each sequence's mean
-next-token loss): a difference counts when its 95% bootstrap interval clears the
-bound (`paperzoo.core.margins`).
+next-token loss) and decided three ways (`paperzoo.core.margins.decided`): passed when
+the 95% bootstrap interval of the difference clears zero and its mean reaches the
+effect asked for, failed when the interval lies wholly below it, undecided otherwise.
 
 Set-up: the thresholds (x10 collapse, 3% for random weights, 1% quantisation gain)
 and the spike threshold 50 were fixed with the first version; nothing was tuned. At
@@ -64,7 +65,7 @@ from paperzoo.compression.super_weight import (
     weight_matrix,
 )
 from paperzoo.core.experiment import Claim, Outcome, RunContext
-from paperzoo.core.margins import clearly_greater, paired_difference
+from paperzoo.core.margins import decided, paired_difference
 
 COLLAPSE_FACTOR = 10.0  # zeroing the super weight multiplies perplexity by at least this (paper: ~1000x)
 RANDOM_TOLERANCE = 0.03  # "a few percentage points": random same-rank weights move perplexity by less
@@ -86,30 +87,44 @@ def preconditions(m: dict) -> dict[str, bool | None]:
         f"a super weight exists: the top candidate's input and output spikes pass the official threshold "
         f"({m['spike_threshold']:g})": top["input_spike"] > m["spike_threshold"] and top["output_spike"] > m["spike_threshold"],
         f"plain 4-bit per-tensor RTN costs more than {QUANT_GAIN:.0%} perplexity (there is a loss to recover)":
-            None if rtn is None else clearly_greater(rtn, m["original_sequence_loss"], math.log1p(QUANT_GAIN), seed=seed),
+            None if rtn is None else decided(paired_difference(rtn, m["original_sequence_loss"], seed=seed),
+                                             math.log1p(QUANT_GAIN)),
     }
 
 
 def checks(m: dict) -> dict[str, bool | None]:
     orig, seed = m["original_sequence_loss"], m.get("bootstrap_seed", 0)
     top = m["candidates"][m["top_index"]]
-    collapse = clearly_greater(top["zeroed_sequence_loss"], orig, math.log(COLLAPSE_FACTOR), seed=seed)
+    collapse = decided(paired_difference(top["zeroed_sequence_loss"], orig, seed=seed), math.log(COLLAPSE_FACTOR))
     bound = math.log1p(RANDOM_TOLERANCE)
     within = [paired_difference(c["sequence_loss"], orig, seed=seed) for c in top["controls"]]
     held, plain, clip = (_quant_losses(m, v) for v in ("clip+hold-out", "rtn", "clip"))
     gain = math.log1p(QUANT_GAIN)
     return {
         f"zeroing the top candidate multiplies perplexity by >= {COLLAPSE_FACTOR:g}": collapse,
-        f"zeroing random same-rank weights moves perplexity by < {RANDOM_TOLERANCE:.0%}":
-            all(-bound < d.low and d.high < bound for d in within) if within else None,
+        f"zeroing random same-rank weights moves perplexity by < {RANDOM_TOLERANCE:.0%}": within_bound(within, bound),
         "restoring the super activation recovers part, not all, of the loss":
-            (clearly_greater(top["zeroed_sequence_loss"], top["restored_sequence_loss"], seed=seed)
-             and clearly_greater(top["restored_sequence_loss"], orig, seed=seed)) if collapse else None,
+            both(decided(paired_difference(top["zeroed_sequence_loss"], top["restored_sequence_loss"], seed=seed)),
+                 decided(paired_difference(top["restored_sequence_loss"], orig, seed=seed))) if collapse else None,
         f"holding out the super weight beats plain 4-bit per-tensor RTN by >= {QUANT_GAIN:.0%}":
-            None if held is None or plain is None else clearly_greater(plain, held, gain, seed=seed),
+            None if held is None or plain is None else decided(paired_difference(plain, held, seed=seed), gain),
         f"holding out the super weight beats clipping alone (4-bit per tensor) by >= {QUANT_GAIN:.0%}":
-            None if held is None or clip is None else clearly_greater(clip, held, gain, seed=seed),
+            None if held is None or clip is None else decided(paired_difference(clip, held, seed=seed), gain),
     }
+
+
+def within_bound(intervals, bound: float) -> bool | None:
+    """Every difference's interval inside (-bound, bound): True; any interval wholly outside: False; else undecided."""
+    if not intervals:
+        return None
+    if any(d.low >= bound or d.high <= -bound for d in intervals):
+        return False
+    return True if all(-bound < d.low and d.high < bound for d in intervals) else None
+
+
+def both(a: bool | None, b: bool | None) -> bool | None:
+    """Three-way AND: False if either is False, True if both are True, else undecided."""
+    return False if False in (a, b) else (True if a is True and b is True else None)
 
 
 CLAIM = Claim(
@@ -125,8 +140,8 @@ CLAIM = Claim(
     predicate=(
         "On a 12-layer base LM, with the per-block candidates from one forward pass, and only where the top "
         "candidate (largest down-projection output) passes the official spike threshold 50 on input and output: "
-        "paired over validation sequences, with 95% bootstrap intervals of the mean loss difference, (1) zeroing "
-        f"the top candidate raises the loss by more than log {COLLAPSE_FACTOR:g} (perplexity x{COLLAPSE_FACTOR:g}, "
+        "paired over validation sequences, with 95% bootstrap intervals of the mean loss difference clear of zero, "
+        f"(1) zeroing the top candidate raises the loss by at least log {COLLAPSE_FACTOR:g} (perplexity x{COLLAPSE_FACTOR:g}, "
         "deliberately lenient against the paper's ~1000x, for a 1000x smaller model); (2) zeroing each weight of "
         "the same |w| rank in every other down-projection keeps the interval within +-log 1.03 (3% perplexity); "
         "(3) when (1) holds, restoring the super activation gives a loss clearly below the zeroed model's and "

@@ -17,8 +17,8 @@ code's plain and mean-centred variants -- are measured and reported beside it.
 
 Margins: the precision of the candidate set and the AUROC are means over items
 (candidates; never-seen tokens, each scored by the share of well-trained tokens it
-ranks below), so each check asks that the whole 95% bootstrap interval clears the
-threshold, not only the point estimate.
+ranks below), so each check passes when the whole 95% bootstrap interval clears the
+threshold, fails when the whole interval lies below it, and is undecided otherwise.
 
 Set-up: nothing is tuned. The percentiles, the rare-token cut-off (< 5 occurrences)
 and the verification threshold (0.01, the paper's) were fixed with the first version.
@@ -84,13 +84,19 @@ def preconditions(m: dict) -> dict[str, bool | None]:
     }
 
 
+def reaches(interval, threshold: float) -> bool | None:
+    """True when the whole interval is at or above the threshold, False when it is wholly below, else undecided."""
+    if interval is None:
+        return None
+    return True if interval.low >= threshold else (False if interval.high < threshold else None)
+
+
 def checks(m: dict) -> dict[str, bool | None]:
-    precision, separation = _interval(m, "candidates_never_or_rare"), _interval(m, "auroc_items")
     return {
         f"most 2nd-percentile candidates are never or rarely seen in training (interval >= {PRECISION})":
-            None if precision is None else precision.low >= PRECISION,
+            reaches(_interval(m, "candidates_never_or_rare"), PRECISION),
         f"the indicator separates never-seen tokens from the rest (AUROC interval >= {MIN_AUROC})":
-            None if separation is None else separation.low >= MIN_AUROC,
+            reaches(_interval(m, "auroc_items"), MIN_AUROC),
     }
 
 
@@ -107,7 +113,7 @@ CLAIM = Claim(
         "input-embedding norm: (1) the 95% bootstrap interval (over candidates) of the share of 2nd-percentile "
         "candidates that occur fewer than 5 times in training lies at or above 0.5, and (2) the interval (over "
         "never-seen tokens) of the AUROC separating never-seen tokens from tokens seen at least 5 times lies at or "
-        "above 0.9. Tokens are scored and percentiles taken among ordinary tokens (not special, decodable, "
+        "above 0.9 (each fails when its interval lies wholly below, and is undecided when it straddles). Tokens are scored and percentiles taken among ordinary tokens (not special, decodable, "
         "reachable), as in the paper's code. The unembedding indicators (the paper's, with the first principal "
         "component removed; plain; mean-centred; reference set: 16 reserved tokens and the 13 byte tokens UTF-8 "
         "never contains) are reported beside it."

@@ -1,0 +1,484 @@
+"""Reasoner, version 2: a difficulty ladder, two trace styles, reflective traces (issue 10, A).
+
+`paperzoo.core.reasoning` stays as it is (the v1 reasoner five experiments stand on);
+this module adds what version 2 trains on, on the same prompt format, tokenizer,
+verifier and held-out rule. `paperzoo.core.reasoner_card` measures a trained model.
+
+**The ladder.** Each problem has a tier, from easiest to hardest (`TIERS`, data that a
+recipe search may change):
+
+====  ==========  =================================================================
+tier  kind        problem
+====  ==========  =================================================================
+0     chain       one ``+``/``-`` of two-digit numbers: ``37+48``
+1     chain       two operations on two-digit numbers: ``37+48-19``
+2     equation    two-step equation ``a x +- b = c`` (a one digit, x and b two): ``7x+25=684``
+3     chain       4-5 operations on two- and three-digit numbers: ``375+48-219+906``
+====  ==========  =================================================================
+
+Tier 2 is the equation and tier 3 the long chain because the v1 reasoner solved
+equations far more often than chains (17% overall, 3-5% of the chains), and because
+the scratchpad must grow with the tier (A.5): a two-step equation is shorter work than
+a chain of five. Questions are the v1 formats (``37+48-19``, ``7x+25=684``), so whether a
+problem is held out is the v1 rule applied to its question (`Problem.held_out`).
+
+**The scratchpad** writes one operation per line, digit by digit in the order a small
+transformer can compute them, then the plain result:
+
+- addition, least-significant column first, the carry written into the next column:
+  ``37+48: 7+8=15 3+4+1=8 so 85``;
+- subtraction, least-significant first; a column that borrows adds ``+10`` and the
+  next column subtracts the borrow: ``85-19: 5-9+10=6 8-1-1=6 so 66``;
+- division by one digit, long division most-significant first, ``cur/a=q r rem``:
+  ``x=684/9: 6/9=0r6 68/9=7r5 54/9=6r0 so 76``.
+
+Missing digits of the shorter operand are written as 0. Equations take two lines,
+``7x=684-25: ... so 659`` and ``x=659/7: ... so 94``. After ``</think>`` the answer is
+plain: ``Answer: 94``.
+
+**Styles.** *terse* is the scratchpad alone. *verbose* restates the state before each
+step (``Step 2 of 3: 85-19+23``) and verifies each result by the inverse operation
+(``Check: 66+19=85, right.``), about 2.5x longer. Training data draws the style per
+trace with a stated share (default 20% verbose); nothing in the prompt says which.
+
+**Reflection.** A reflective trace holds one wrong step, always really wrong, followed
+by a line that starts with ``Wait``, names the first wrong column and its correction,
+and redoes the step right:
+``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85``.
+The error is one a column-wise reasoner makes: a dropped carry, borrow or remainder, or
+a column result off by one. Training data draws reflection per trace with a stated
+share (default 15%). Deviation from s1-style traces: the wrong step and its re-check
+are trained on like every other token (`core.training.train` has no loss mask), so the
+model also learns to make the error that often; a later recipe may mask the wrong line.
+
+**Training.** `ReasonerV2Spec` holds the model, the training run, the style and
+reflection shares and the tier mix; `train_reasoner_v2` trains one and returns
+(model, record). It is not wired into `reasoning.reasoner()`: that is for the session
+that tunes the recipe against the card's targets (`reasoner_card.card`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from paperzoo.core.models import TinyLMConfig
+from paperzoo.core.reasoning import (ANSWER, END_THINK, HELD_OUT_ONE_IN, SPECIAL_TOKENS, CHARACTERS, Problem,
+                                     reasoning_tokenizer)
+from paperzoo.core.training import TrainConfig, token_blocks, train, training_device
+
+STYLES = ("terse", "verbose")
+WAIT = "Wait"
+CHECK = "Check:"
+STEP = "Step"
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One rung of the ladder.
+
+    `kind` "chain": `ops` (low, high) operations whose operands have `digits` (low, high) digits.
+    `kind` "equation": ``a x +- b = c`` with a in 2..9 and x, b of `digits` digits; `ops` is (2, 2), its two steps.
+    """
+
+    kind: str
+    ops: tuple[int, int]
+    digits: tuple[int, int]
+
+    def __post_init__(self):
+        if self.kind not in ("chain", "equation"):
+            raise ValueError(f"kind must be 'chain' or 'equation', not {self.kind!r}")
+        lo, hi = self.ops
+        if not 1 <= lo <= hi or (self.kind == "equation" and self.ops != (2, 2)):
+            raise ValueError(f"ops must be (low, high) with 1 <= low <= high ((2, 2) for an equation), not {self.ops}")
+        if not 1 <= self.digits[0] <= self.digits[1] <= 4:
+            raise ValueError(f"digits must be (low, high) with 1 <= low <= high <= 4, not {self.digits}")
+
+
+TIERS: tuple[TierSpec, ...] = (
+    TierSpec("chain", (1, 1), (2, 2)),
+    TierSpec("chain", (2, 2), (2, 2)),
+    TierSpec("equation", (2, 2), (2, 2)),
+    TierSpec("chain", (4, 5), (2, 3)),
+)
+CHAIN_CAP = 9999  # a chain adds only while the running value stays at most this
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of work: `a op b`, written after `lead` (``7x=``, ``x=`` in equations)."""
+
+    a: int
+    op: str  # "+", "-" or "/"
+    b: int
+    lead: str = ""
+
+    @property
+    def result(self) -> int:
+        if self.op == "+":
+            return self.a + self.b
+        if self.op == "-":
+            return self.a - self.b
+        return self.a // self.b
+
+    @property
+    def expression(self) -> str:
+        return f"{self.lead}{self.a}{self.op}{self.b}"
+
+
+@dataclass(frozen=True)
+class LadderProblem(Problem):
+    """A v1 `Problem` (same prompt, verifier and held-out rule) with its tier and its steps as data.
+
+    `steps` holds the terse scratchpad lines, so `solution` and `reasoning.training_text`
+    give the terse trace without reflection.
+    """
+
+    tier: int = 0
+    work: tuple[Step, ...] = ()
+    states: tuple[str, ...] = ()  # the problem as it stands before each step (restated by the verbose style)
+
+
+# ---------------------------------------------------------------------------------------------
+# Column work: one operation written digit by digit, optionally with one injected error.
+
+
+@dataclass(frozen=True)
+class ColumnError:
+    """An error in column `column` of a step: "drop" its incoming carry/borrow/remainder, or "slip" its result by `delta`."""
+
+    kind: str
+    column: int
+    delta: int = 0
+
+
+def _digits_lsb(n: int, width: int) -> list[int]:
+    return [(n // 10 ** i) % 10 for i in range(width)]
+
+
+def column_work(step: Step, error: ColumnError | None = None) -> tuple[list[str], int]:
+    """The column statements of `step` and the result they add up to (wrong when `error` is given)."""
+    cols, value, _ = _columns(step, error)
+    return cols, value
+
+
+def _columns(step: Step, error: ColumnError | None) -> tuple[list[str], int, list[bool]]:
+    """Column statements, their result, and whether each column receives a carry, borrow or remainder."""
+    def hit(kind: str, i: int) -> bool:
+        return error is not None and error.kind == kind and error.column == i
+
+    cols: list[str] = []
+    incoming_flags: list[bool] = []
+    if step.op in "+-":
+        width = max(len(str(step.a)), len(str(step.b)))
+        xs, ys = _digits_lsb(step.a, width), _digits_lsb(step.b, width)
+        carry, value = 0, 0
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            incoming_flags.append(bool(carry))
+            incoming = 0 if hit("drop", i) else carry
+            slip = error.delta if hit("slip", i) else 0
+            if step.op == "+":
+                s = x + y + incoming + slip
+                cols.append(f"{x}+{y}{'+1' if incoming else ''}={s}")
+                value += (s % 10) * 10 ** i
+                carry = s // 10
+            else:
+                v = x - y - incoming
+                borrow = v < 0
+                d = v + 10 * borrow + slip
+                cols.append(f"{x}-{y}{'-1' if incoming else ''}{'+10' if borrow else ''}={d}")
+                value += d * 10 ** i
+                carry = int(borrow)
+        if step.op == "+":
+            value += carry * 10 ** width
+        elif carry:
+            raise ValueError(f"{step.expression} borrows past its last column (a negative result)")
+        return cols, value, incoming_flags
+    if step.op == "/":
+        rem, quotient = 0, 0
+        for i, d in enumerate(int(c) for c in str(step.a)):
+            incoming_flags.append(rem != 0)
+            cur = d if hit("drop", i) else rem * 10 + d
+            q = cur // step.b
+            rem = cur - q * step.b
+            q += error.delta if hit("slip", i) else 0
+            cols.append(f"{cur}/{step.b}={q}r{rem}")
+            quotient = quotient * 10 + q
+        return cols, quotient, incoming_flags
+    raise ValueError(f"op must be '+', '-' or '/', not {step.op!r}")
+
+
+def work_line(step: Step, error: ColumnError | None = None) -> str:
+    cols, value = column_work(step, error)
+    return f"{step.expression}: {' '.join(cols)} so {value}"
+
+
+def possible_errors(step: Step) -> list[ColumnError]:
+    """Every single-column error that makes `step` really wrong.
+
+    "drop" where a column receives a carry, borrow or remainder; "slip" by -1 or +1 where
+    the column's stated result stays a valid one (a digit, or 0..19 for an addition column).
+    The result must change and stay >= 0.
+    """
+    right_cols, right, incoming = _columns(step, None)
+    top = 19 if step.op == "+" else 9
+    out = []
+    for i in range(len(right_cols)):
+        candidates = [ColumnError("slip", i, -1), ColumnError("slip", i, 1)] + [ColumnError("drop", i)] * incoming[i]
+        for e in candidates:
+            try:
+                cols, value = column_work(step, e)
+            except ValueError:
+                continue
+            stated = int(cols[i].split("=")[1].split("r")[0])
+            if value != right and value >= 0 and 0 <= stated <= top:
+                out.append(e)
+    return out
+
+
+def reflection_lines(step: Step, error: ColumnError) -> tuple[str, str]:
+    """(the wrong line, the ``Wait`` line that names the first wrong column and redoes the step right)."""
+    wrong_cols, wrong = column_work(step, error)
+    right_cols, right = column_work(step)
+    if wrong == right:
+        raise ValueError(f"the error {error} leaves {step.expression} right; it must make the step wrong")
+    i = next(k for k, (w, r) in enumerate(zip(wrong_cols, right_cols)) if w != r)
+    return work_line(step, error), f"{WAIT}, {right_cols[i]}, not {wrong_cols[i]}. {work_line(step)}"
+
+
+def check_line(step: Step) -> str:
+    """The verbose style's verification of a step by its inverse operation (always a true statement)."""
+    r = step.result
+    inverse = {"+": f"{r}-{step.b}", "-": f"{r}+{step.b}", "/": f"{step.b}*{r}"}[step.op]
+    return f"{CHECK} {inverse}={step.a}, right."
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+
+
+def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
+    d = rng.randint(*digits)
+    return rng.randint(10 ** (d - 1) if d > 1 else 1, 10 ** d - 1)
+
+
+def chain(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
+    value = _operand(rng, spec.digits)
+    question, work, states = str(value), [], []
+    for _ in range(rng.randint(*spec.ops)):
+        b = _operand(rng, spec.digits)
+        op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"
+        if value + b > CHAIN_CAP:
+            op = "-"
+        work.append(Step(value, op, b))
+        question += f"{op}{b}"
+        value = work[-1].result
+    rest = question
+    for s in work:  # the remaining expression before each step: its running value, then the operations left
+        states.append(rest)
+        rest = str(s.result) + rest[len(f"{s.a}{s.op}{s.b}"):]
+    return _problem("arithmetic", question, value, work, states, tier)
+
+
+def equation(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
+    a, x, b = rng.randint(2, 9), _operand(rng, spec.digits), _operand(rng, spec.digits)
+    plus = rng.random() < 0.5 or a * x - b < 0
+    c = a * x + b if plus else a * x - b
+    question = f"{a}x{'+' if plus else '-'}{b}={c}"
+    work = [Step(c, "-" if plus else "+", b, lead=f"{a}x="), Step(a * x, "/", a, lead="x=")]
+    return _problem("linear_equation", question, x, work, [question, f"{a}x={a * x}"], tier)
+
+
+def _problem(kind, question, answer, work, states, tier) -> LadderProblem:
+    return LadderProblem(kind, question, answer, tuple(work_line(s) for s in work), len(work),
+                         tier=tier, work=tuple(work), states=tuple(states))
+
+
+def ladder_problem(rng: random.Random, tier: int, tiers: Sequence[TierSpec] = TIERS) -> LadderProblem:
+    if not 0 <= tier < len(tiers):
+        raise ValueError(f"tier must be in 0..{len(tiers) - 1}, not {tier}")
+    spec = tiers[tier]
+    return (chain if spec.kind == "chain" else equation)(rng, spec, tier)
+
+
+def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[TierSpec] = TIERS,
+                    mix: Sequence[float] | None = None, distinct: bool = True) -> list[LadderProblem]:
+    """`n` problems of `split`; with no `mix`, tiers in turn (equal counts), else each tier drawn with weight `mix[t]`.
+
+    Held out by the v1 rule on the question (1 in `HELD_OUT_ONE_IN` by a stable hash), so
+    no test question is ever trained on, here or in v1 data.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, not {n}")
+    if mix is not None and (len(mix) != len(tiers) or min(mix) < 0 or sum(mix) <= 0):
+        raise ValueError(f"mix must hold {len(tiers)} non-negative weights with a positive sum, not {mix}")
+    rng = random.Random(f"ladder-{split}-{seed}")
+    out, seen, misses = [], set(), 0
+    while len(out) < n:
+        tier = len(out) % len(tiers) if mix is None else rng.choices(range(len(tiers)), weights=mix)[0]
+        p = ladder_problem(rng, tier, tiers)
+        if p.held_out == (split == "test") and not (distinct and p.question in seen):
+            seen.add(p.question)
+            out.append(p)
+            misses = 0
+        elif (misses := misses + 1) > 100_000:
+            raise ValueError(f"could not draw {n} distinct {split} problems (tier {tier} is exhausted)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces
+
+
+def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
+          reflect: bool = False) -> str:
+    """What a reasoner writes after the prompt: the thinking, ``</think>``, ``Answer: N`` (EOS follows).
+
+    With `reflect`, one step (drawn by `rng`) is written wrong with a drawn column error,
+    then re-checked after ``Wait`` and redone right; later steps continue from the right value.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+    if reflect and rng is None:
+        raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
+    wrong_at = rng.randrange(len(problem.work)) if reflect else None
+    lines = []
+    for k, step in enumerate(problem.work):
+        if style == "verbose":
+            lines.append(f"{STEP} {k + 1} of {len(problem.work)}: {problem.states[k]}")
+        if k == wrong_at:
+            lines.extend(reflection_lines(step, rng.choice(possible_errors(step))))
+        else:
+            lines.append(work_line(step))
+        if style == "verbose":
+            lines.append(check_line(step))
+    return "".join(f"{line}\n" for line in lines) + f"{END_THINK}{ANSWER} {problem.answer}"
+
+
+@dataclass(frozen=True)
+class TraceMix:
+    """How training traces are drawn: the verbose share and the reflective share (each per trace, independently)."""
+
+    verbose_share: float = 0.2
+    reflect_share: float = 0.15
+
+    def __post_init__(self):
+        for name in ("verbose_share", "reflect_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+
+
+def training_texts(problems: Sequence[LadderProblem], mix: TraceMix = TraceMix(), seed: int = 0) -> list[str]:
+    """Prompt + trace for each problem, style and reflection drawn per trace with `mix`'s shares."""
+    rng = random.Random(f"traces-{seed}")
+    texts = []
+    for p in problems:
+        style = "verbose" if rng.random() < mix.verbose_share else "terse"
+        reflect = rng.random() < mix.reflect_share
+        texts.append(p.prompt + trace(p, style, rng, reflect))
+    return texts
+
+
+def unknown_characters(text: str) -> set[str]:
+    """Characters of `text` that `reasoning_tokenizer()` has no token for (outside the special tokens)."""
+    for special in SPECIAL_TOKENS:
+        text = text.replace(special, "")
+    return set(text) - set(CHARACTERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The v2 reasoner's recipe
+
+
+@dataclass(frozen=True)
+class ReasonerV2Spec:
+    """Everything that sets a v2 reasoner's weights: model, training run, data size, trace mix, tiers, seed."""
+
+    model: TinyLMConfig
+    train: TrainConfig
+    train_problems: int
+    traces: TraceMix = TraceMix()
+    tier_mix: tuple[float, ...] = (0.15, 0.25, 0.25, 0.35)
+    tiers: tuple[TierSpec, ...] = TIERS
+    val_problems: int = 400
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.tier_mix) != len(self.tiers):
+            raise ValueError(f"tier_mix must have one weight per tier ({len(self.tiers)}), not {self.tier_mix}")
+        if self.train_problems < 1:
+            raise ValueError(f"train_problems must be >= 1, not {self.train_problems}")
+
+
+def forward_flops_per_token(config: TinyLMConfig, context: int) -> float:
+    """Multiply-adds x2 of one token's forward pass: projections, SwiGLU, attention over `context`, and the head."""
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+    per_layer = 4 * d * d + 3 * d * f + 2 * d * context  # q,k,v,o; gate, up, down; scores and mixing
+    return 2.0 * (L * per_layer + d * config.vocab_size)
+
+
+_VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
+# Proposal for `small`, not trained here: the session that trains it confirms or changes it on the card and on
+# validation loss. Budget: 3.4M tokens (15 min at ~3.8k tokens/s on 2 cores) = 830 steps of 16 x 256 tokens.
+# Width 160 x 6 layers (1.9M parameters): measured here on one loaded core, 3.0-5.4k tokens/s against 5.6k for
+# the v1 `small` reasoner (192 x 6 ran at 2.8-3.2k, too slow). Data: a trace averages ~165 tokens at the
+# default mix, so the run sees ~21k traces; 40k problems keep them fresh. Positions: the longest trace (tier 3,
+# verbose, reflective) with its prompt is ~660 tokens, hence 768.
+REASONERS_V2 = {
+    "smoke": ReasonerV2Spec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 768),
+                            TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
+                            val_problems=16),
+    "small": ReasonerV2Spec(TinyLMConfig(_VOCAB, 160, 6, 5, 448, 768),
+                            TrainConfig(steps=830, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=60,
+                                        eval_every=200), 40_000),
+}
+# The draft: 96 x 2 layers, ~7x fewer FLOPs per token than the proposal at 256 tokens of context
+# (`forward_flops_per_token`; the issue asks for >= 4x), the same data and tokens.
+DRAFTS_V2 = {
+    "smoke": ReasonerV2Spec(TinyLMConfig(_VOCAB, 16, 1, 1, 32, 768),
+                            TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
+                            val_problems=16),
+    "small": ReasonerV2Spec(TinyLMConfig(_VOCAB, 96, 2, 2, 256, 768),
+                            TrainConfig(steps=830, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=60,
+                                        eval_every=200), 40_000),
+}
+
+
+def train_reasoner_v2(spec: ReasonerV2Spec, desc: str = "training a v2 reasoner") -> tuple[torch.nn.Module, dict]:
+    """Train a fresh v2 reasoner on `spec`'s traces with `core.training.train`; return (model on CPU, record).
+
+    Validation: held-out problems of the same tier mix, traced with the same style and
+    reflection shares, so the recipe can be chosen on validation loss. The record holds
+    the spec, the data's realised shares and size, and the training history.
+    """
+    tokenizer = reasoning_tokenizer()
+    train_set = ladder_problems(spec.train_problems, "train", seed=spec.seed, tiers=spec.tiers, mix=spec.tier_mix,
+                                distinct=False)
+    val_set = ladder_problems(spec.val_problems, "test", seed=spec.seed, tiers=spec.tiers, mix=spec.tier_mix)
+    texts = training_texts(train_set, spec.traces, seed=spec.seed)
+    val_texts = training_texts(val_set, spec.traces, seed=spec.seed + 1)
+    blocks = token_blocks(tokenizer, texts, spec.train.seq_len)
+    val_blocks = token_blocks(tokenizer, val_texts, spec.train.seq_len)
+    if len(blocks) == 0 or len(val_blocks) == 0:
+        raise ValueError(f"train_problems ({spec.train_problems}) and val_problems ({spec.val_problems}) must make "
+                         f"at least one block of seq_len {spec.train.seq_len} tokens each")
+    torch.manual_seed(spec.seed)
+    model = spec.model.build().to(training_device())
+    start = time.perf_counter()
+    history = train(model, blocks, spec.train, val_blocks=val_blocks, desc=desc, seed=spec.seed)
+    data_tokens = blocks.numel()
+    record = {
+        "spec": asdict(spec), "device": str(training_device()), "train_seconds": time.perf_counter() - start,
+        "data": {"traces": len(texts), "tokens": data_tokens, "epochs": history["tokens"] / data_tokens,
+                 "verbose_share": sum(f"\n{CHECK} " in t for t in texts) / len(texts),
+                 "reflect_share": sum(f"\n{WAIT}, " in t for t in texts) / len(texts),
+                 "tier_share": [sum(p.tier == t for p in train_set) / len(train_set) for t in range(len(spec.tiers))]},
+        **history,
+    }
+    return model.cpu(), record
