@@ -198,7 +198,7 @@ def _rounded(x):
 
 
 def default_budget(model, tokenizer, problems) -> int:
-    """New tokens enough for the longest trace of these problems (verbose, reflective) plus a quarter, within positions."""
+    """New tokens for the longest trace of these problems (verbose, reflective) and a quarter more, within positions."""
     def count(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -12,14 +12,14 @@ tier  kind        problem
 ====  ==========  =================================================================
 0     chain       one ``+``/``-`` of two-digit numbers: ``37+48``
 1     chain       two operations on two-digit numbers: ``37+48-19``
-2     equation    two-step equation ``a x +- b = c`` (a one digit, x and b two): ``7x+25=684``
+2     equation    two-step equation ``a x +- b = c`` (a one digit, x and b two): ``7x+25=683``
 3     chain       4-5 operations on two- and three-digit numbers: ``375+48-219+906``
 ====  ==========  =================================================================
 
 Tier 2 is the equation and tier 3 the long chain because the v1 reasoner solved
 equations far more often than chains (17% overall, 3-5% of the chains), and because
 the scratchpad must grow with the tier (A.5): a two-step equation is shorter work than
-a chain of five. Questions are the v1 formats (``37+48-19``, ``7x+25=684``), so whether a
+a chain of five. Questions are the v1 formats (``37+48-19``, ``7x+25=683``), so whether a
 problem is held out is the v1 rule applied to its question (`Problem.held_out`).
 
 **The scratchpad** writes one operation per line, digit by digit in the order a small
@@ -33,7 +33,7 @@ transformer can compute them, then the plain result:
   ``x=684/9: 6/9=0r6 68/9=7r5 54/9=6r0 so 76``.
 
 Missing digits of the shorter operand are written as 0. Equations take two lines,
-``7x=684-25: ... so 659`` and ``x=659/7: ... so 94``. After ``</think>`` the answer is
+``7x=683-25: ... so 658`` and ``x=658/7: ... so 94``. After ``</think>`` the answer is
 plain: ``Answer: 94``.
 
 **Styles.** *terse* is the scratchpad alone. *verbose* restates the state before each
@@ -62,13 +62,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from paperzoo.core.models import TinyLMConfig
-from paperzoo.core.reasoning import (ANSWER, END_THINK, HELD_OUT_ONE_IN, SPECIAL_TOKENS, CHARACTERS, Problem,
-                                     reasoning_tokenizer)
+from paperzoo.core.reasoning import ANSWER, CHARACTERS, END_THINK, SPECIAL_TOKENS, Problem, reasoning_tokenizer
 from paperzoo.core.training import TrainConfig, token_blocks, train, training_device
 
 STYLES = ("terse", "verbose")
@@ -149,7 +148,7 @@ class LadderProblem(Problem):
 
 @dataclass(frozen=True)
 class ColumnError:
-    """An error in column `column` of a step: "drop" its incoming carry/borrow/remainder, or "slip" its result by `delta`."""
+    """An error in one column of a step: "drop" its incoming carry, borrow or remainder, or "slip" its result by `delta`."""
 
     kind: str
     column: int
@@ -309,7 +308,7 @@ def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[
                     mix: Sequence[float] | None = None, distinct: bool = True) -> list[LadderProblem]:
     """`n` problems of `split`; with no `mix`, tiers in turn (equal counts), else each tier drawn with weight `mix[t]`.
 
-    Held out by the v1 rule on the question (1 in `HELD_OUT_ONE_IN` by a stable hash), so
+    Held out by the v1 rule on the question (1 in `reasoning.HELD_OUT_ONE_IN` by a stable hash), so
     no test question is ever trained on, here or in v1 data.
     """
     if split not in ("train", "test"):
