@@ -71,16 +71,21 @@ def _number(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else escape(str(v))
 
 
+SCALAR = (int, float, str, bool, type(None))
+
+
 def _is_rows(v) -> bool:
-    """A list of flat records (one dict of scalars per row), shown as a table."""
+    """A list of records (one dict per row) with at least one scalar column, shown as a table."""
     return (isinstance(v, list) and bool(v) and all(isinstance(r, dict) for r in v)
-            and all(isinstance(x, (int, float, str, bool, type(None))) for r in v for x in r.values()))
+            and any(isinstance(x, SCALAR) for x in v[0].values()))
 
 
 def _rows_table(rows: list[dict]) -> str:
-    head = "".join(f"<th>{escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(k))}</td>" for k in rows[0]) + "</tr>" for r in rows)
-    return f"<table class=\"rows\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """The rows' scalar columns; per-item lists (the bootstrap's raw material) stay in the JSON record."""
+    keys = [k for k in rows[0] if all(isinstance(r.get(k), SCALAR) for r in rows)]
+    head = "".join(f"<th>{escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<div class=\"scroll\"><table class=\"rows\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def survey_map_section(paper: catalog.Paper, pages: set[str]) -> str:
