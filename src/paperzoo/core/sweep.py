@@ -58,7 +58,7 @@ def _task(slug: str, scale: str, seed: int, out: str) -> dict:
 
 
 def sweep(slugs: Sequence[str], scale: str, seeds: Sequence[int], out=None, address: str | None = None,
-          num_cpus: int | None = None, progress: bool = True) -> SweepSummary:
+          num_cpus: int | None = None, progress: bool | None = None) -> SweepSummary:
     import json
     from pathlib import Path
 
@@ -90,7 +90,7 @@ def sweep(slugs: Sequence[str], scale: str, seeds: Sequence[int], out=None, addr
         pending = {remote.remote(p.paper.slug, scale, seed, str(p.out)): (p, seed) for p, seed in todo}
         from paperzoo.core.training import progress as progress_bar
 
-        with progress_bar("sweep", disable=not progress) as bar:
+        with progress_bar("sweep", disable=None if progress is None else not progress) as bar:
             task = bar.add_task(f"sweep ({len(done)} already done)", total=len(pending), status="")
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
