@@ -187,6 +187,9 @@ def show(paper_id: str = typer.Argument(..., metavar="ID", help="arXiv id (or UR
                   f"{escape(describe_run(record))}: [{STATUS_STYLE.get(verdict, 'bold')}]{verdict}[/]"
                   + (f" ({escape(record['verdict_reason'])})" if record.get("verdict_reason") else ""))
     print_checks(record)
+    for k, v in record["metrics"].items():
+        if isinstance(v, dict) and {"mean", "min", "max"} <= v.keys() and not k.startswith("_"):
+            console.print(f"  {k} = {v['mean']:.4g} (over seeds {v['min']:.4g} to {v['max']:.4g})")
     for k, v in _scalar_metrics(record["metrics"]).items():
         console.print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {escape(str(v))}")
     console.print(f"  record: {record['_path']}")
