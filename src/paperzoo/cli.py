@@ -324,10 +324,14 @@ def sweep(
         fail(first_line(e))
     except ImportError as e:
         fail(f"sweeps need Ray: pip install -e \".[sweep]\" ({first_line(e)})")
-    console.print(f"sweep: {summary.ran} runs, {summary.skipped} already done")
+    console.print(f"sweep: {summary.ran} runs, {summary.skipped} already done, {len(summary.failed)} failed")
+    for line in summary.failed:
+        print(f"paperzoo: failed: {line}", file=sys.stderr)
     for a in summary.aggregates:
         style = STATUS_STYLE.get(a["verdict"], "bold")
         console.print(f"{a['paper']['slug']}: [{style}]{a['verdict']}[/] ({escape(a['verdict_reason'])})  {a['_path']}")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -32,6 +32,7 @@ class SweepSummary:
     ran: int
     skipped: int
     aggregates: list[dict]
+    failed: list[str]  # "slug seed N: the error's first line", one per task that raised
 
 
 def finished_run(p: Plan, seed: int, commit: str) -> dict | None:
@@ -69,7 +70,7 @@ def sweep(slugs: Sequence[str], scale: str, seeds: Sequence[int], out=None, addr
     plans = [plan(slug, scale, out=out) for slug in slugs]
     commit = git_commit()
     substrate.build([n for p in plans for n in getattr(p.module, "SUBSTRATE", ())], scale)
-    todo, done = [], {}
+    todo, done, failed = [], {}, []
     for p in plans:
         for seed in seeds:
             prior = finished_run(p, seed, commit)
@@ -95,18 +96,27 @@ def sweep(slugs: Sequence[str], scale: str, seeds: Sequence[int], out=None, addr
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 p, seed = pending.pop(ready[0])
-                result = ray.get(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except Exception as e:  # one broken experiment must not stop the others
+                    cause = getattr(e, "cause", None) or e
+                    failed.append(f"{p.paper.slug} seed {seed}: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}")
+                    bar.update(task, advance=1, status=f"{p.paper.slug} seed {seed}: failed")
+                    continue
                 done[(p.paper.slug, seed)] = {**json.loads(Path(result["_path"]).read_text()), "_path": result["_path"]}
                 bar.update(task, advance=1, status=f"{p.paper.slug} seed {seed}: {result['verdict']}")
     aggregates = []
     if len(seeds) > 1:
         for p in plans:
+            if any((p.paper.slug, s) not in done for s in seeds):
+                continue  # a seed failed: no verdict over seeds for this paper
             runs = [done[(p.paper.slug, s)] for s in seeds]
             names = [Path(r["_path"]).name for r in runs]
             same = [r for r in results.records(p.paper.slug, p.out, shipped=False)
                     if r.get("kind") == "aggregate" and r.get("runs") == names]
             aggregates.append(same[-1] if same else write_aggregate(runs, p.out))
-    return SweepSummary(ran=len(todo), skipped=len(plans) * len(seeds) - len(todo), aggregates=aggregates)
+    return SweepSummary(ran=len(todo) - len(failed), skipped=len(plans) * len(seeds) - len(todo),
+                        aggregates=aggregates, failed=failed)
 
 
 def _home():
