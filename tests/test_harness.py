@@ -44,6 +44,9 @@ def test_aggregate_verdict_rules():
     assert (aggregate(different_failures)["verdict"], aggregate(different_failures)["verdict_reason"]) == \
         ("inconclusive", "seeds disagree")
 
+    always_undecided = [_run(s, {"a": True, "b": None}) for s in range(3)]
+    assert aggregate(always_undecided)["verdict_reason"] == "undecidable in every seed: b"
+
     one_seed_lacks_precondition = [_run(0, {"a": False}, {"p": True}), _run(1, {"a": False}, {"p": False})]
     assert aggregate(one_seed_lacks_precondition)["verdict"] == "inconclusive"
     assert "precondition not met: p" in aggregate(one_seed_lacks_precondition)["verdict_reason"]

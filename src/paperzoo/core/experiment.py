@@ -359,6 +359,9 @@ def aggregate(runs: Sequence[dict]) -> dict:
         verdict_, reason = "reproduced", f"every seed reproduces ({len(runs)} seeds)"
     elif common := [k for k, v in checks.items() if all(x is False for x in v)]:
         verdict_, reason = "not-reproduced", "every seed fails: " + "; ".join(common)
+    elif all(r["verdict"] == "inconclusive" for r in runs) and (
+            open_ := [k for k, v in checks.items() if all(x is None for x in v)]):
+        verdict_, reason = "inconclusive", "undecidable in every seed: " + "; ".join(open_)
     else:
         verdict_, reason = "inconclusive", "seeds disagree"
     return {
