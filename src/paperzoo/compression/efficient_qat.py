@@ -177,8 +177,9 @@ def _calibration_ids(model: nn.Module, calibration) -> torch.Tensor:
 
 
 def _check_positions(model: nn.Module, name: str, length: int) -> None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from paperzoo.core.sampling import max_positions  # the one reading of a model's position limit
+
+    limit = max_positions(model)
     if limit is not None and length > limit:
         raise ValueError(f"{name} is {length} tokens long; the model takes at most {limit} positions")
 
