@@ -15,7 +15,8 @@ import copy
 import torch
 
 from paperzoo.core.models import BASE_MODELS
-from paperzoo.core.reasoning import REASONERS, reasoning_tokenizer
+from paperzoo.core.reasoning import reasoning_tokenizer
+from paperzoo.core.reasoner import REASONERS
 from paperzoo.decoding import greedy_decode, prompt_ids
 from paperzoo.decoding.mtp_gated_lora import MTPConfig, attach, mtp_decode
 

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from paperzoo.core.reasoning import draft_reasoner, problems, reasoner
+from paperzoo.core.reasoner import draft_reasoner, problems, reasoner
 from paperzoo.decoding import greedy_decode
 from paperzoo.decoding.svip_draft_length import (
     SVIP,

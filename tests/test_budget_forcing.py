@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from paperzoo.core.reasoning import END_THINK, THINK, reasoner, reasoning_tokenizer
+from paperzoo.core.reasoning import END_THINK, THINK, reasoning_tokenizer
+from paperzoo.core.reasoner import reasoner
 from paperzoo.decoding import greedy_decode
 from paperzoo.decoding.budget_forcing import budget_force, budget_force_batch, scaling, scaling_weights
 
@@ -204,13 +205,14 @@ def test_scaling_weights_split_scaling_into_per_problem_terms():
 def test_steps_and_rechecks_by_hand():
     from paperzoo.experiments.decoding.budget_forcing import recheck, steps
 
-    assert steps("37+48=85\n85-19=67\n7x=61-12=49\nx=49/7=7\n") == [
+    assert steps("37+48: 7+8=15 3+4+1=8 so 85\n85-19: 5-9+10=6 8-1-1=6 so 67\n7x=61-12: 1-2+10=9 6-1-1=4 so 49\n"
+                 "x=49/7: 4/7=0r4 49/7=7r0 so 7\n") == [
         ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True)]
-    trace = "37+48=85\n85-19=67\nWait85-19=66\n66+10=76\n"
+    trace = "37+48: so 85\n85-19: so 67\nWait, 8-1-1=6, not 8-1-1=7. 85-19: so 66\n66+10: so 76\n"
     assert recheck(trace) == {"rechecked": True, "wrong": 1, "fixed": 1}
-    assert recheck("37+48=85\n85-19=67\nWait85-19=67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
-    assert recheck("37+48=85\nWait48+1=49\n") == {"rechecked": False, "wrong": 0, "fixed": 0}  # new, not redone
-    assert recheck("37+48=85\n")["rechecked"] is False
+    assert recheck("37+48: so 85\n85-19: so 67\nWait 85-19: so 67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
+    assert recheck("37+48: so 85\nWait 48+1: so 49\n") == {"rechecked": False, "wrong": 0, "fixed": 0}  # new
+    assert recheck("37+48: so 85\n")["rechecked"] is False
 
 
 def test_predicate_by_hand():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from paperzoo.core.reasoning import reasoner
+from paperzoo.core.reasoner import reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.decoding import count_forward_passes
 from paperzoo.decoding.deepconf import (
@@ -108,11 +108,14 @@ def test_offline_vote_prefers_confident_traces_over_the_majority():
 
 
 def test_recorded_confidences_equal_those_from_raw_logits(smoke):
-    """The processor sees generate's raw logits: its C_i equal those from core.sampling's output_logits."""
+    """The processor sees generate's raw logits: its C_i equal those from core.sampling's raw logits.
+
+    Greedy, so both draw the same tokens (core.sampling has its own loop, whose random stream differs from
+    generate's once rows leave the batch)."""
     m, tok = smoke.model, smoke.tokenizer
     prompts = ["Q: 12+34\n<think>", "Q: 3x+4=10\n<think>"]
-    ref = sample(m, tok, prompts, num_samples=1, max_new_tokens=20, temperature=1.0, top_k_logprobs=20, seed=3)
-    got = sample_traces(m, tok, prompts, None, window=4, top_k=20, max_new_tokens=20, seed=3)
+    ref = sample(m, tok, prompts, num_samples=1, max_new_tokens=20, temperature=0, top_k_logprobs=20, seed=3)
+    got = sample_traces(m, tok, prompts, None, window=4, top_k=20, max_new_tokens=20, temperature=0, seed=3)
     for r, g in zip(ref, got):
         assert g.tokens == r.tokens and not g.stopped
         assert torch.allclose(g.confidences, token_confidence(r.top_logprobs), atol=1e-5)

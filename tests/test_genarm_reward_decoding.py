@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from paperzoo.core.reasoning import reasoner, reasoning_tokenizer
+from paperzoo.core.reasoning import reasoning_tokenizer
+from paperzoo.core.reasoner import reasoner
 from paperzoo.core.sampling import encode_left_padded
 from paperzoo.decoding import count_forward_passes
 from paperzoo.decoding.genarm_reward_decoding import (

@@ -1,12 +1,13 @@
 """Mind Evolution (2501.09891): selection by hand, the budget, migration, reset, search behaviour, the predicate."""
 
 import math
+import random
 import re
 
 import numpy as np
 import pytest
 
-from paperzoo.core.reasoning import problems
+from paperzoo.core.reasoner import problems, trace
 from paperzoo.decoding.mind_evolution import (
     Candidate,
     MindEvolutionConfig,
@@ -19,6 +20,7 @@ from paperzoo.decoding.mind_evolution import (
     sequential_revision,
 )
 from paperzoo.experiments.decoding.mind_evolution import (
+    EQUATION_TIER,
     check_linear_solution,
     checks,
     choose_budget,
@@ -196,12 +198,12 @@ def test_proposer_must_return_one_solution_per_request():
 # --------------------------------------------------------------------------- the experiment's checker and predicate
 
 def test_linear_checker_by_hand():
-    q = next(p for p in problems(50, "test", kinds=["linear_equation"]) if "+" in p.question)
+    q = next(p for p in problems(50, "test", tiers=[EQUATION_TIER]) if "+" in p.question)
     good = q.solution
     c = check_linear_solution(q, good)
     assert c.solved and c.score == 2.0 and len(c.verified) == 2
     first = q.steps[0]
-    wrong_div = f"{first}\nx=1/1=1\n</think>Answer: {q.answer + 1}"
+    wrong_div = f"{first}\nx=1/1: 1/1=1r0 so 1\n</think>Answer: {q.answer + 1}"
     c = check_linear_solution(q, wrong_div)
     a = int(q.question.split("x")[0])
     assert not c.solved and c.verified == (first,)
@@ -212,6 +214,10 @@ def test_linear_checker_by_hand():
     cands = [Candidate(wrong_div, 1 - math.log1p(a), "", False), Candidate("garbage", -10.0, "", False)]
     assert render_linear(q, cands) == q.prompt + first + "\n"
     assert render_linear(q, []) == q.prompt
+    for i in range(10):  # a verbose or reflective trace: the step lines are found, the redone step counts
+        for style in ("terse", "verbose"):
+            c = check_linear_solution(q, trace(q, style, random.Random(i), reflect=True))
+            assert c.solved and c.verified == tuple(q.steps)
 
 
 def _solved(rate, n=60):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paperzoo.core.reasoning import problems
+from paperzoo.core.reasoner import problems
 from paperzoo.core.sampling import completion_logprobs
 from paperzoo.decoding.overthinking_efficiency import (
     SolutionRounds,
@@ -70,7 +70,7 @@ def test_rounds_of_marks_repeats_as_not_distinct():
 
 
 def test_overthinking_trace_metrics_on_a_real_problem():
-    q = problems(1, "train", kinds=["linear_equation"])[0]
+    q = problems(1, "train", tiers=[2])[0]
     text = overthinking_text(q, 3)[len(q.prompt):]
     thinking = text.split("</think>")[0]
     rounds = split_rounds(thinking)

@@ -6,35 +6,23 @@ import pytest
 import torch
 
 from paperzoo.core import reasoning as R
+from paperzoo.core.reasoner import draft_reasoner, problems, reasoner, trace
 from paperzoo.core.sampling import sample, token_statistics
 from paperzoo.decoding import count_forward_passes, greedy_decode
 
 
-def test_arithmetic_scratchpad_is_correct_line_by_line():
-    for p in R.problems(200, "train", kinds=["arithmetic"]):
-        assert eval(p.question) == p.answer  # the question is a plain Python expression
-        value = None
-        for line in p.steps:
-            lhs, rhs = line.split("=")
-            assert eval(lhs) == int(rhs) and (value is None or lhs.startswith(str(value)))
-            value = int(rhs)
-        assert value == p.answer and len(p.steps) == p.difficulty
-
-
-def test_linear_equation_root_satisfies_the_equation():
-    for p in R.problems(200, "train", kinds=["linear_equation"]):
-        lhs, c = p.question.split("=")
-        assert eval(lhs.replace("x", f"*{p.answer}")) == int(c)
-
-
-def test_splits_are_disjoint_and_deterministic():
-    train = {p.question for p in R.problems(3000, "train")}
-    test = R.problems(300, "test")
+def test_problems_take_tiers_in_turn_and_splits_are_disjoint_and_deterministic():
+    train = {p.question for p in problems(3000, "train", distinct=False)}
+    test = problems(300, "test")
     assert not train & {p.question for p in test}
-    assert [p.question for p in R.problems(300, "test")] == [p.question for p in test]
+    assert [p.question for p in problems(300, "test")] == [p.question for p in test]
     assert all(p.held_out for p in test)
-    with pytest.raises(ValueError, match="unknown task"):
-        R.problems(1, kinds=["sudoku"])
+    assert [p.tier for p in test[:8]] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [p.tier for p in problems(6, "test", tiers=[2, 0])] == [2, 0, 2, 0, 2, 0]
+    assert len(problems(7, "test", tiers=[1, 3])) == 7
+    for bad in ([], [4], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="tiers must be"):
+            problems(1, tiers=bad)
 
 
 def test_verifier_reads_the_last_answer_only():
@@ -48,8 +36,8 @@ def test_verifier_reads_the_last_answer_only():
 
 def test_tokenizer_is_character_level_and_round_trips():
     tok = R.reasoning_tokenizer()
-    p = R.problems(1, "train")[0]
-    text = R.training_text(p)
+    p = problems(1, "train")[0]
+    text = p.prompt + trace(p)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert ids.count(tok.convert_tokens_to_ids(R.THINK)) == 1 and ids.count(tok.convert_tokens_to_ids(R.END_THINK)) == 1
@@ -67,12 +55,12 @@ def test_token_statistics_by_hand():
 
 @pytest.fixture(scope="module")
 def smoke_reasoner():
-    return R.reasoner("smoke")
+    return reasoner("smoke")
 
 
 def test_sample_counts_tokens_to_eos_and_matches_a_manual_forward(smoke_reasoner):
     model, tok = smoke_reasoner.model, smoke_reasoner.tokenizer
-    prompts = [p.prompt for p in R.problems(3, "test")]
+    prompts = [p.prompt for p in problems(3, "test")]
     out = sample(model, tok, prompts, num_samples=2, max_new_tokens=12, temperature=1.0, top_k_logprobs=3, seed=1)
     assert [s.prompt_index for s in out] == [0, 0, 1, 1, 2, 2]
     for s in out:
@@ -90,9 +78,9 @@ def test_sample_counts_tokens_to_eos_and_matches_a_manual_forward(smoke_reasoner
 
 def test_greedy_decode_counts_one_pass_per_token(smoke_reasoner):
     model, tok = smoke_reasoner.model, smoke_reasoner.tokenizer
-    g = greedy_decode(model, tok, R.problems(1, "test")[0].prompt, max_new_tokens=10)
+    g = greedy_decode(model, tok, problems(1, "test")[0].prompt, max_new_tokens=10)
     assert g.forward_passes == g.num_tokens and g.wall_seconds > 0
-    greedy = sample(model, tok, [R.problems(1, "test")[0].prompt], temperature=0, max_new_tokens=10)[0]
+    greedy = sample(model, tok, [problems(1, "test")[0].prompt], temperature=0, max_new_tokens=10)[0]
     assert greedy.tokens == g.tokens
     with count_forward_passes(model) as c:
         model(torch.tensor([[1, 2, 3]]))
@@ -101,10 +89,53 @@ def test_greedy_decode_counts_one_pass_per_token(smoke_reasoner):
 
 
 def test_reasoner_is_cached_and_reused(smoke_reasoner):
-    again = R.reasoner("smoke")
+    again = reasoner("smoke")
     assert again.name == smoke_reasoner.name
     for a, b in zip(again.model.parameters(), smoke_reasoner.model.parameters()):
         assert torch.equal(a, b)
-    draft = R.draft_reasoner("smoke")
+    draft = draft_reasoner("smoke")
     assert draft.model.config.vocab_size == smoke_reasoner.model.config.vocab_size
     assert sum(p.numel() for p in draft.model.parameters()) < sum(p.numel() for p in smoke_reasoner.model.parameters())
+
+
+def test_sample_greedy_equals_transformers_generate_and_rows_stop_independently(smoke_reasoner):
+    """The compacting loop: greedy is generate's greedy token for token, also when rows end (and leave the batch)
+    at different steps, and a row's tokens are those it gets alone."""
+    from paperzoo.core.sampling import encode_left_padded
+
+    model, tok = smoke_reasoner.model, smoke_reasoner.tokenizer
+    prompts = [p.prompt for p in problems(8, "test")]
+    free = sample(model, tok, prompts, temperature=0, max_new_tokens=30)
+    # a stop token the rows reach at different steps: make it EOS, so rows leave the batch one by one
+    def ends(t):
+        return {s.tokens.index(t) if t in s.tokens else None for s in free}
+
+    stop = max({t for s in free for t in s.tokens}, key=lambda t: len(ends(t)))
+    assert len(ends(stop)) >= 2
+    tok.eos_token_id, old = stop, tok.eos_token_id
+    try:
+        mine = sample(model, tok, prompts, temperature=0, max_new_tokens=30, batch_size=8)
+        enc = encode_left_padded(tok, prompts)
+        ref = model.generate(**enc, max_new_tokens=30, do_sample=False, eos_token_id=stop, pad_token_id=0)
+        for s, row in zip(mine, ref[:, enc["input_ids"].shape[1]:].tolist()):
+            assert s.tokens == (row[: row.index(stop) + 1] if stop in row else row)
+            assert s.finished == (stop in row)
+        alone = [sample(model, tok, [p], temperature=0, max_new_tokens=30)[0].tokens for p in prompts]
+        assert [s.tokens for s in mine] == alone
+    finally:
+        tok.eos_token_id = old
+
+
+def test_sampling_rules_temperature_and_top_p():
+    from paperzoo.core.sampling import _next_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    torch.manual_seed(0)
+    assert _next_tokens(logits, 0, 1.0).eq(0).all()
+    drawn = _next_tokens(logits, 1.0, 0.7)  # top-p 0.7 keeps {0, 1} (0.5 + 0.3 >= 0.7), renormalised
+    assert set(drawn.tolist()) == {0, 1} and abs(drawn.eq(0).float().mean() - 0.5 / 0.8) < 0.03
+    drawn = _next_tokens(logits, 1.0, 1e-6)  # at least the most likely token stays
+    assert drawn.eq(0).all()
+    hot = _next_tokens(logits, 2.0, 1.0)  # temperature 2 flattens: p ~ sqrt(p)
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    assert abs(hot.eq(3).float().mean() - expected[3] / expected.sum()) < 0.03

@@ -158,7 +158,7 @@ def test_greedy_speculative_output_is_the_targets_greedy_output(arch):
 
 
 def test_greedy_speculative_output_on_the_smoke_reasoner():
-    from paperzoo.core.reasoning import draft_reasoner, problems, reasoner
+    from paperzoo.core.reasoner import draft_reasoner, problems, reasoner
 
     target, draft = reasoner("smoke"), draft_reasoner("smoke")
     for problem in problems(3, "test"):

@@ -1,4 +1,4 @@
-"""paperzoo's command line: list, show, run, sweep, report.
+"""paperzoo's command line: list, show, run, sweep, substrate, report.
 
 Output to a terminal is rich; output to a pipe is never wrapped (a record path or a
 table row stays on one line), progress bars go to stderr and only to a terminal, and
@@ -332,6 +332,80 @@ def sweep(
         console.print(f"{a['paper']['slug']}: [{style}]{a['verdict']}[/] ({escape(a['verdict_reason'])})  {a['_path']}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+substrate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
+                            help="The shared models experiments stand on: cached or not, their cards; build one.")
+app.add_typer(substrate_app, name="substrate")
+
+
+def _card_summary(card: dict | None) -> str:
+    if card is None:
+        return ""
+    parts = [f"{card['parameters'] / 1e6:.2f}M params", f"trained {card['train_seconds']:.0f} s"]
+    val = card.get("validation", {})
+    if "perplexity" in val:
+        parts.append(f"val ppl {val['perplexity']:.3g}")
+    if "greedy_accuracy" in card:
+        parts.append(f"greedy {card['greedy_accuracy']:.2f}")
+    targets = card.get("targets")
+    if targets:
+        failed = [k for k, v in targets.items() if not v["pass"]]
+        parts.append(f"targets {len(targets) - len(failed)}/{len(targets)}" + (f" (fails: {'; '.join(failed)})"
+                                                                               if failed else ""))
+    return ", ".join(parts)
+
+
+@substrate_app.callback()
+def substrate(ctx: typer.Context,
+              scale: Optional[str] = typer.Option(None, help="Only this scale (default: smoke and small)."),
+              as_json: bool = typer.Option(False, "--json", help="Every card in full, as JSON.")):
+    """List every shared model at each scale: cached or not, and its card. Trains nothing."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from paperzoo.core.experiment import SCALE_NAMES
+    from paperzoo.core.substrate import status
+
+    quiet_libraries()
+    if scale is not None and scale not in SCALE_NAMES:
+        fail(f"unknown scale {scale!r} (scales: {', '.join(SCALE_NAMES)})")
+    try:
+        rows = status((scale,) if scale else ("smoke", "small"))
+    except user_errors() as e:
+        fail(first_line(e))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "scale", "cached", "card", "what it is", show_lines=False)
+    for r in rows:
+        table.add_row(r["name"], r["scale"], "[green]yes[/]" if r["cached"] else "[dim]no[/]",
+                      escape(_card_summary(r["card"])), escape(r["description"]))
+    console.print(table)
+    console.print("build one: paperzoo substrate build NAME --scale SCALE")
+
+
+@substrate_app.command("build")
+def substrate_build(name: str = typer.Argument(..., metavar="NAME", help="base-lm, reasoner, draft or moe-lm."),
+                    scale: str = typer.Option("small", help="smoke, small or large."),
+                    force: bool = typer.Option(False, help="Build a scale this machine looks too small for.")):
+    """Build one shared model (with a progress bar), or find it cached, and print its card."""
+    from paperzoo.core.substrate import BUILDERS, SCALES, build, card
+
+    quiet_libraries()
+    if name not in BUILDERS:
+        fail(f"unknown substrate {name!r} (known: {', '.join(BUILDERS)})")
+    if scale not in SCALES[name]:
+        fail(f"{name} has no {scale!r} scale (it has: {', '.join(SCALES[name])})")
+    check_machine(scale, force)
+    try:
+        build([name], scale)
+        c = card(name, scale)
+    except user_errors() as e:
+        fail(first_line(e))
+    console.print(f"{name} ({scale}): {escape(_card_summary(c))}")
+    for target, v in (c or {}).get("targets", {}).items():
+        mark = "[green]pass[/]" if v["pass"] else "[red]FAIL[/]"
+        console.print(f"  {mark} {escape(target)}: {escape(str(v['value']))} (target {escape(v['target'])})")
 
 
 @app.command()

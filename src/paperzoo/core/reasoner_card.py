@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from paperzoo.core.reasoning import END_THINK, EOS, extract_answer, is_correct
-from paperzoo.core.reasoning_tasks import CHECK, STEP, TIERS, WAIT, TierSpec, ladder_problems, trace
+from paperzoo.core.reasoner import CHECK, STEP, TIERS, WAIT, TierSpec, ladder_problems, trace
 from paperzoo.core.sampling import check_positions, max_positions, sample
+from paperzoo.core.training import progress
 
 _WORK = re.compile(r"(?:\d*x=)?(\d+)([+\-/])(\d+): (.*?) ?so (-?\d+)")
 _WAIT = re.compile(re.escape(WAIT) + r"\b.*?\.\s*(.*)")
@@ -213,11 +214,12 @@ def default_budget(model, tokenizer, problems) -> int:
 
 def card(model, tokenizer, n: int = 500, samples: int = 16, temperature: float = 1.0,
          max_new_tokens: int | None = None, tiers: Sequence[TierSpec] = TIERS, seed: int = 0,
-         batch_size: int = 64) -> dict:
+         batch_size: int = 128, desc: str = "measuring a reasoner's card") -> dict:
     """The measured properties of a reasoner on `n` held-out ladder problems (tiers in turn), with pass/fail.
 
     Greedy once per problem and `samples` samples at `temperature` (pass@1, pass@k with
     k = `samples`, majority@`samples`, re-checks and styles are read from the samples).
+    A progress bar counts problems.
     """
     if n < len(tiers):
         raise ValueError(f"n must be at least the number of tiers ({len(tiers)}), not {n}")
@@ -231,13 +233,26 @@ def card(model, tokenizer, n: int = 500, samples: int = 16, temperature: float =
     if budget < 1:
         raise ValueError("the model has no positions left for a completion after the longest prompt")
     check_positions(model, max(len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in prompts), budget)
-    greedy = [s.text for s in sample(model, tokenizer, prompts, temperature=0, max_new_tokens=budget,
-                                     batch_size=batch_size)]
-    drawn = [s.text for s in sample(model, tokenizer, prompts, num_samples=samples, temperature=temperature,
-                                    max_new_tokens=budget, seed=seed, batch_size=batch_size)]
+    greedy, drawn = [], []
+    chunk = max(1, batch_size // samples)
+    with progress(desc) as bar:
+        task = bar.add_task(desc, total=n, status="")
+        for start in range(0, n, chunk):
+            part = prompts[start:start + chunk]
+            greedy += [s.text for s in sample(model, tokenizer, part, temperature=0, max_new_tokens=budget,
+                                              batch_size=batch_size)]
+            drawn += [s.text for s in sample(model, tokenizer, part, num_samples=samples, temperature=temperature,
+                                             max_new_tokens=budget, seed=seed * 100_003 + start,
+                                             batch_size=batch_size)]
+            bar.update(task, advance=len(part))
     result = summarize(problems, greedy, drawn, samples, tokenizer, num_tiers=len(tiers))
     return _rounded({"problems": n, "samples": samples, "temperature": temperature, "max_new_tokens": budget,
                      "tiers": [asdict(t) for t in tiers], **result})
+
+
+def compact(measured: dict) -> dict:
+    """A card without its per-problem lists: what a model's record and every experiment's record keep."""
+    return {k: v for k, v in measured.items() if k != "per_problem"}
 
 
 def summarize(problems: Sequence, greedy: Sequence[str], drawn: Sequence[str], samples: int, tokenizer=None,

@@ -9,6 +9,10 @@ A cached directory also carries a manifest of its files' sizes and hashes, writt
 last. An entry whose files no longer match it (truncated, emptied, deleted by hand)
 is detected on load and rebuilt with a one-line notice. Temporary directories of
 builds whose process died are swept the next time that entry is asked for.
+
+Inside `lookup_only()` nothing is built: asking for an entry that is missing or
+damaged raises `NotCached`, which is how `paperzoo substrate` reports what is cached
+without training anything.
 """
 
 from __future__ import annotations
@@ -20,11 +24,34 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
 class HomeError(ValueError):
     """PAPERZOO_HOME is set to something unusable."""
+
+
+class NotCached(LookupError):
+    """A cache entry asked for inside `lookup_only()` does not exist (or is damaged)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"not cached: {path}")
+        self.path = path
+
+
+_LOOKUP_ONLY: ContextVar[bool] = ContextVar("paperzoo_lookup_only", default=False)
+
+
+@contextmanager
+def lookup_only():
+    """Within the block, `cached_dir` returns entries that exist and raises `NotCached` instead of building."""
+    token = _LOOKUP_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOOKUP_ONLY.reset(token)
 
 
 def home() -> Path:
@@ -130,6 +157,8 @@ def cached_dir(path: Path, build: Callable[[Path], None]) -> Path:
         reason = damage(path)
         if reason is None:
             return path
+        if _LOOKUP_ONLY.get():
+            raise NotCached(path)
         notice(f"cache entry {path} is damaged ({reason}); rebuilding it")
         trash = path.with_name(f".{path.name}.{os.getpid()}.broken.tmp")
         try:
@@ -137,6 +166,8 @@ def cached_dir(path: Path, build: Callable[[Path], None]) -> Path:
         except OSError:
             raise HomeError(f"cache entry {path} is damaged ({reason}) and cannot be moved; delete it") from None
         shutil.rmtree(trash, ignore_errors=True)
+    if _LOOKUP_ONLY.get():
+        raise NotCached(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_builds(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))

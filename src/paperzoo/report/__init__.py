@@ -6,7 +6,9 @@ can be served by anything. Each experiment page shows the record `results.latest
 picks (the newest aggregate over seeds, else the newest run with a verdict), with
 claim, source, predicate, preconditions, checks, the model and corpus it measured,
 numbers and plot; a survey's page shows its taxonomy mapped onto paperzoo papers
-(`catalog.survey_maps`). The output folder is written fresh each time: it is built
+(`catalog.survey_maps`). A substrate page lists the cards of the shared models those
+records stood on (size, training cost, validation figures, the reasoner's targets), and
+which papers used each. The output folder is written fresh each time: it is built
 beside the target and swapped in, and a folder that is not a paperzoo report is
 never replaced.
 """
@@ -201,6 +203,37 @@ def build_report(out: Path, results_dir=None) -> Path:
     return out / "index.html"
 
 
+def _card_cell(value) -> str:
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and "pass" in v for v in value.values()):
+        return "<br>".join(f'<span class="{"reproduced" if v["pass"] else "not-reproduced"}">'
+                           f'{"pass" if v["pass"] else "FAIL"}</span> {escape(k)}: {escape(json.dumps(v["value"]))} '
+                           f'(target {escape(v["target"])})' for k, v in value.items())
+    if isinstance(value, (dict, list)):
+        return f"<pre>{escape(json.dumps(value, indent=1))}</pre>"
+    return _number(value)
+
+
+def substrate_page(records: dict[str, dict | None]) -> str:
+    """The cards of every shared model the shown records stood on, with the papers that used each."""
+    cards: dict[str, dict] = {}
+    users: dict[str, list[str]] = {}
+    for slug, record in records.items():
+        for card in (record or {}).get("substrate") or []:
+            cards.setdefault(card["name"], card)
+            users.setdefault(card["name"], []).append(slug)
+    sections = []
+    for name, card in sorted(cards.items()):
+        rows = "".join(f"<tr><th>{escape(k)}</th><td>{_card_cell(v)}</td></tr>" for k, v in card.items() if k != "name")
+        used = ", ".join(f'<a href="{u}.html">{escape(u)}</a>' for u in users[name])
+        sections.append(f"<h2>{escape(name)}</h2><p>used by {used}</p><div class=\"scroll\"><table>{rows}</table></div>")
+    body = ("<p><a href=\"index.html\">&larr; catalogue</a></p><h1>Substrate</h1>"
+            "<p>The shared models paperzoo trains and caches, as the records shown in this report name them "
+            "(cache key, size, training time, validation figures; the reasoner's card against its targets). "
+            "<code>paperzoo substrate</code> lists what is cached on this machine.</p>"
+            + ("".join(sections) or "<p class=\"none\">No record names a shared model.</p>"))
+    return _page("paperzoo substrate", body)
+
+
 def _write_report(out: Path, results_dir=None) -> None:
     (out / MARKER).write_text("written by paperzoo report; the whole folder is replaced on the next report\n")
     store.write_atomic(out / "style.css", CSS)
@@ -227,12 +260,14 @@ def _write_report(out: Path, results_dir=None) -> None:
                     f'<td>{escape(p.slug)}</td><td>{escape(p.family)}</td>'
                     f'<td class="status {p.status}">{p.status}</td><td>{verdict}</td><td>{escape(p.title)}'
                     f'{"<br><small>" + escape(p.status_note) + "</small>" if p.status_note else ""}</td></tr>')
+    store.write_atomic(out / "substrate.html", substrate_page(records))
     counts = Counter(p.status for p in catalog.papers())
     summary = ", ".join(f"{s}: {counts[s]}" for s in catalog.STATUSES if counts[s])
     families = "".join(f'<option value="{escape(f)}">{escape(f)}</option>' for f in catalog.families())
     statuses = "".join(f'<option value="{s}">{s}</option>' for s in catalog.STATUSES if counts[s])
     body = f"""<h1>paperzoo</h1>
-<p>{len(catalog.papers())} reviewed papers. {escape(summary)}.</p>
+<p>{len(catalog.papers())} reviewed papers. {escape(summary)}. The models the verdicts stand on:
+<a href="substrate.html">substrate</a>.</p>
 <form id="filters" onchange="filterCatalogue()">
 <label>family <select id="family"><option value="">all</option>{families}</select></label>
 <label>status <select id="status"><option value="">all</option>{statuses}</select></label>

@@ -61,7 +61,8 @@ import torch
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoning import extract_answer, is_correct, problems, reasoner
+from paperzoo.core.reasoning import extract_answer, is_correct
+from paperzoo.core.reasoner import problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.bon_aware_finetuning import (
     bon_rlb_weights,
@@ -190,9 +191,8 @@ def run(ctx: RunContext) -> Outcome:
         raise ExperimentError("bon-aware-finetuning runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     tok = r.tokenizer
-    kinds = ["linear_equation"]
-    train_qs = problems(s["train_problems"], "train", seed=ctx.seed, kinds=kinds)
-    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, kinds=kinds)
+    train_qs = problems(s["train_problems"], "train", seed=ctx.seed, tiers=s["tiers"])
+    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=s["tiers"])
     test_qs, cal_qs = held_out[: s["test_problems"]], held_out[s["test_problems"]:]
     G = s["problems_per_step"]
     batches = [np.random.default_rng(ctx.seed * 1000 + step).choice(len(train_qs), G, replace=False)

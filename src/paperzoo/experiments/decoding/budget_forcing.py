@@ -15,11 +15,11 @@ wrote before the "Wait" -- in at least 10% of the extended traces; (2) a re-chec
 sometimes fixes a wrong step: of the wrong steps recomputed after "Wait", at least 10%
 come out right (undecided, so not met, when fewer than 10 wrong steps were
 recomputed); (3) the uncapped reasoner is off its floor and ceiling (5% to 95%
-right), so accuracy can move both ways. A scratchpad step is ``a op b = c`` with
-integers (``37+48=85``, ``61-12=49`` in ``7x=61-12=49``); a step is wrong when c is
-not a op b. With today's reasoner (trained on correct traces only, no re-checks)
-(1) or (2) is expected to fail: the verdict is then inconclusive, and the experiment
-is meant to be re-run on the reflective reasoner of the substrate issue.
+right), so accuracy can move both ways. A scratchpad step is one of the reasoner's work
+lines, ``[lead]a op b: <columns> so c`` (``37+48: 7+8=15 3+4+1=8 so 85``, ``7x=683-25: ...
+so 658``); a step is wrong when c is not a op b, whatever its columns say. The reasoner
+(version 2, issue 10) trained on traces of which 15% hold a wrong step re-checked after
+"Wait", so (1) and (2) test whether that habit carries over to a forced "Wait".
 
 Margins. Scaling (the paper's mean pairwise slope of accuracy against mean thinking
 tokens) is linear in the accuracies once the thinking-token coordinates are fixed
@@ -30,10 +30,13 @@ fails when it lies below, and is undecided when it straddles zero
 N = 0 to 2 with the gain from N = 2 to 4, in the same three-way manner, and is judged
 only when extensions help at all.
 
-Set-up hyper-parameters: the budgets (0 .. 48 tokens, about a whole trace) and N = 0 ..
-4 follow the paper's figures scaled to traces of 20-60 characters; the cap of 128
-thinking tokens only keeps runaway traces finite; 256 problems is set by CPU time.
-None was chosen by looking at any accuracy.
+Set-up hyper-parameters: the budgets (0 .. 192 tokens, up to about the longest terse trace
+of the ladder's hardest tier) and N = 0 .. 4 follow the paper's figures scaled to the
+reasoner's traces (about 30 thinking tokens on the easiest tier, 170 on the hardest); the
+cap of 384 thinking tokens leaves room for four re-checks and keeps runaway traces finite;
+256 problems, the four tiers in turn, is set by CPU time. None was chosen by looking at any
+accuracy. (Until issue 10 the budgets were 0 .. 48 and the cap 128, for the version-1
+reasoner's 20-60 character traces.)
 
 Earlier predicate (until issue 9): "Greedy decoding with the small reasoner on
 held-out problems: (1) every capped run stays within its budget; (2) the paper's
@@ -57,22 +60,23 @@ import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoning import END_THINK, extract_answer, problems, reasoner
+from paperzoo.core.reasoning import END_THINK, extract_answer
+from paperzoo.core.reasoner import problems, reasoner
 from paperzoo.decoding.budget_forcing import budget_force_batch, scaling, scaling_weights
 
 RECHECK_SHARE = 0.10  # extended traces that re-check after "Wait"
 FIX_SHARE = 0.10  # wrong steps recomputed after "Wait" that come out right
 MIN_WRONG_RECOMPUTED = 10  # fewer: cannot tell whether re-checks fix anything
 FLOOR, CEILING = 0.05, 0.95
-STEP = re.compile(r"(\d+)([+\-*/])(\d+)=(-?\d+)")
+STEP = re.compile(r"(\d+)([+\-/])(\d+):[^\n]*? so (-?\d+)")  # a work line; a lead such as "7x=" is skipped
 
 
 def steps(text: str) -> list[tuple[str, int, bool]]:
-    """Scratchpad steps ``a op b = c`` in `text`: (expression, value written, whether it is right)."""
+    """Work lines ``a op b: <columns> so c`` in `text`: (expression, value written, whether it is right)."""
     out = []
     for a, op, b, c in STEP.findall(text):
         a, b, c = int(a), int(b), int(c)
-        right = {"+": a + b == c, "-": a - b == c, "*": a * b == c, "/": b != 0 and a == b * c}[op]
+        right = {"+": a + b == c, "-": a - b == c, "/": b != 0 and a // b == c}[op]
         out.append((f"{a}{op}{b}", c, right))
     return out
 
@@ -170,8 +174,8 @@ SEED_VARIES = "which held-out problems are drawn (decoding is greedy, so nothing
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 6, "caps": [0, 4, 8], "extensions": [0, 1, 2, 4],
               "thinking_cap": 32, "max_answer_tokens": 12, "continuation": "Wait"},
-    "small": {"reasoner": "small", "problems": 256, "caps": [0, 4, 8, 12, 16, 24, 32, 48],
-              "extensions": [0, 1, 2, 3, 4], "thinking_cap": 128, "max_answer_tokens": 16, "continuation": "Wait"},
+    "small": {"reasoner": "small", "problems": 256, "caps": [0, 8, 16, 32, 48, 64, 96, 128, 192],
+              "extensions": [0, 1, 2, 3, 4], "thinking_cap": 384, "max_answer_tokens": 16, "continuation": "Wait"},
 }
 
 

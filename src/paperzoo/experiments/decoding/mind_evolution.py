@@ -45,8 +45,11 @@ Other settings, fixed before the first run (paper in brackets): 3 generations [1
 [4], 2 conversations per island [5], 2 turns per conversation [4], reset every 2 generations [3]
 of 1 island [2], reseeded with the top 2 [5 of 15], up to 2 parents [5], Pr(no parents) = 1/6
 [1/6], 2 emigrants [5]. Sequential revision runs 4 threads [10 threads of 80 turns]. Sampling at
-temperature 1. Problems: 64 held-out linear equations of difficulty 2 and 3 for evaluation and 32
-others for calibration (greedy decoding solves about a third of all linear equations).
+temperature 1, up to 160 new tokens (a terse two-step solution with its column work is about 90).
+Problems: 64 held-out two-step equations of the reasoner's ladder (``7x+25=683``, its tier 2) for
+evaluation and 32 others for calibration. Since issue 10 the reasoner is version 2, which writes each
+step's column work (``7x=683-25: ... so 658``); the checker reads the claimed result of each step, the
+last attempt when a ``Wait`` re-check redid it.
 
 Earlier predicate (the first version, budget fixed at 24 evaluations; verdict `not-reproduced`,
 seed 0, small: best-of-N solved 96% of 48 equations, Mind Evolution 98%, sequential revision 98%;
@@ -70,13 +73,8 @@ import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoning import (
-    END_THINK,
-    Problem,
-    extract_answer,
-    problems,
-    reasoner,
-)
+from paperzoo.core.reasoner import TIERS, problems, reasoner
+from paperzoo.core.reasoning import END_THINK, Problem, extract_answer
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.mind_evolution import (
     Candidate,
@@ -87,9 +85,13 @@ from paperzoo.decoding.mind_evolution import (
 )
 
 METHODS = ("best-of-n", "sequential-revision", "mind-evolution")
+EQUATION_TIER = next(i for i, t in enumerate(TIERS) if t.kind == "equation")  # the ladder's two-step equations
 _QUESTION = re.compile(r"^(\d+)x([+-])(\d+)=(-?\d+)$")
-_LINE1 = re.compile(r"^(\d+)x=(-?\d+)([+-])(\d+)=(-?\d+)$")
-_LINE2 = re.compile(r"^x=(-?\d+)/(\d+)=(-?\d+)$")
+# The reasoner's two work lines, ``7x=683-25: <columns> so 658`` and ``x=658/7: <columns> so 94``; searched
+# anywhere in a line, so the redone step after a ``Wait, ...`` re-check is read too, and only the claimed result
+# (after ``so``) is checked.
+_LINE1 = re.compile(r"(?<![\dx=])(\d+)x=(-?\d+)([+-])(\d+): .* so (-?\d+)$")
+_LINE2 = re.compile(r"(?<![\dx=])x=(-?\d+)/(\d+): .* so (-?\d+)$")
 NO_ANSWER_PENALTY = 10.0
 
 
@@ -110,25 +112,27 @@ def check_linear_solution(problem: Problem, solution: str) -> Check:
     inverse = "-" if sign == "+" else "+"
     lines = solution.split(END_THINK)[0].split("\n")
     verified, notes = [], []
-    first = _LINE1.match(lines[0].strip()) if lines else None
+    firsts = [m for line in lines if (m := _LINE1.search(line.strip()))]
+    seconds = [m for line in lines if (m := _LINE2.search(line.strip()))]
+    first = firsts[-1] if firsts else None  # the last attempt at each step (after any re-check) is the one that counts
     if first is None:
-        notes.append(f"line 1 should read {a}x={c}{inverse}{b}=<value>")
+        notes.append(f"step 1 should read {a}x={c}{inverse}{b}: ... so <value>")
     elif (int(first[1]), int(first[2]), first[3], int(first[4])) != (a, c, inverse, b):
-        notes.append(f"line 1 does not restate the equation as {a}x={c}{inverse}{b}")
+        notes.append(f"step 1 does not restate the equation as {a}x={c}{inverse}{b}")
     elif int(first[5]) != (c - b if inverse == "-" else c + b):
-        notes.append(f"line 1: {c}{inverse}{b} is not {first[5]}")
+        notes.append(f"step 1: {c}{inverse}{b} is not {first[5]}")
     else:
-        verified.append(lines[0].strip())
-        second = _LINE2.match(lines[1].strip()) if len(lines) > 1 else None
+        verified.append(first[0])
+        second = seconds[-1] if seconds else None
         v = int(first[5])
         if second is None:
-            notes.append(f"line 2 should read x={v}/{a}=<value>")
+            notes.append(f"step 2 should read x={v}/{a}: ... so <value>")
         elif (int(second[1]), int(second[2])) != (v, a):
-            notes.append(f"line 2 should divide {v} by {a}")
+            notes.append(f"step 2 should divide {v} by {a}")
         elif int(second[3]) * a != v:
-            notes.append(f"line 2: {v}/{a} is not {second[3]}")
+            notes.append(f"step 2: {v}/{a} is not {second[3]}")
         else:
-            verified.append(lines[1].strip())
+            verified.append(second[0])
     x = extract_answer(solution)
     if x is None:
         return Check(len(verified) - NO_ANSWER_PENALTY, "; ".join(notes + ["no answer"]), False, tuple(verified))
@@ -219,7 +223,7 @@ CLAIM = Claim(
         "revision, with 5.6% for a single pass."
     ),
     predicate=(
-        "On 64 held-out linear equations (difficulty 2-3) with the small reasoner as the LLM and a constraint "
+        "On 64 held-out two-step linear equations with the small reasoner as the LLM and a constraint "
         "checker as the evaluator, every method spending exactly the same budget of evaluations per problem, the "
         "budget chosen before the run from best-of-N's curve on 32 other equations (the largest at which it "
         "solves at most 60%): (1) Mind Evolution's success rate is at least 10 points above best-of-N's (the "
@@ -244,12 +248,12 @@ SEED_VARIES = ("the evaluation and calibration equations drawn, every sampling s
                "Evolution's selection; the reasoner is the shared cached one")
 
 SCALES = {
-    "smoke": {"reasoner": "smoke", "problems": 2, "calibration_problems": 2, "difficulties": [2, 3],
+    "smoke": {"reasoner": "smoke", "problems": 2, "calibration_problems": 2,
               "budget_grid": [6, 8], "baseline_ceiling": 0.6, "threads": 2,
               "config": {**_SMALL_CONFIG, "n_gens": 2}, "temperature": 1.0, "max_new_tokens": 24},
-    "small": {"reasoner": "small", "problems": 64, "calibration_problems": 32, "difficulties": [2, 3],
+    "small": {"reasoner": "small", "problems": 64, "calibration_problems": 32,
               "budget_grid": [6, 8, 12, 16, 24], "baseline_ceiling": 0.6, "threads": 4,
-              "config": _SMALL_CONFIG, "temperature": 1.0, "max_new_tokens": 40},
+              "config": _SMALL_CONFIG, "temperature": 1.0, "max_new_tokens": 160},
 }
 
 
@@ -266,8 +270,7 @@ def run(ctx: RunContext) -> Outcome:
         raise ExperimentError("mind-evolution runs on paperzoo's reasoner and its equations; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     model, tok = r.model, r.tokenizer
-    drawn = problems(s["problems"] + s["calibration_problems"], "test", seed=ctx.seed, kinds=["linear_equation"],
-                     difficulties={"linear_equation": s["difficulties"]})
+    drawn = problems(s["problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=[EQUATION_TIER])
     qs, cal_qs = drawn[: s["problems"]], drawn[s["problems"]:]
     config = MindEvolutionConfig(**s["config"])
 

@@ -53,7 +53,7 @@ import time
 import numpy as np
 import torch
 
-from paperzoo.core import reasoning
+from paperzoo.core import reasoner, reasoning
 from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided
 from paperzoo.core.training import TrainConfig, single_thread, token_blocks
@@ -228,13 +228,14 @@ def run(ctx: RunContext) -> Outcome:
     with single_thread():
         # reasoning: the tiny reasoner, its own training traces, held-out problems
         s = settings["reasoning"]
-        r = reasoning.reasoner(ctx.scale)
-        spec_seed = r.record.get("spec", {}).get("seed", 0)
-        texts = [reasoning.training_text(p) for p in reasoning.problems(s["train_texts"], "train", seed=spec_seed,
-                                                                        distinct=False)]
+        r = reasoner.reasoner(ctx.scale)
+        spec = reasoner.REASONERS[ctx.scale]  # its own training distribution: tier mix, styles, re-checks
+        texts = reasoner.training_texts(reasoner.ladder_problems(s["train_texts"], "train", seed=spec.seed,
+                                                                 mix=spec.tier_mix, distinct=False), spec.traces,
+                                        seed=spec.seed)
         mtp, training = fine_tune(r.model, r.tokenizer, token_blocks(r.tokenizer, texts, s["seq_len"]), s, ctx.seed)
         metrics["training"]["reasoning"] = {"model": r.name, **training}
-        problems = reasoning.problems(s["prompts"], "test", seed=ctx.seed)
+        problems = reasoner.problems(s["prompts"], "test", seed=ctx.seed)
         metrics["domains"]["reasoning"] = compare(r.model, mtp, r.tokenizer, [p.prompt for p in problems],
                                                   s["max_new_tokens"], lambda i, text: reasoning.is_correct(problems[i], text))
         del mtp

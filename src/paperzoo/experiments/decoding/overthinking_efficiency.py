@@ -4,7 +4,10 @@
    briefly on traces that, after the answer-producing scratchpad, repeat it in
    `verification_rounds` "Wait, check:" rounds before ``</think>`` (the paper's
    o1-like model, QwQ-32B-Preview, writes 2-4 solution rounds on most problems).
-2. Measure it greedily on held-out linear equations: tokens, accuracy, rounds,
+2. Measure it greedily on held-out easy problems (the ladder's two easiest tiers, one
+   or two additions and subtractions, ``37+48-19``: the paper finds overthinking worst
+   on easy problems, ASDIV and GSM8K; until issue 10 these were the version-1 reasoner's
+   linear equations): tokens, accuracy, rounds,
    outcome efficiency and process efficiency (a round is distinct if its scratchpad
    was not written before in the response; correct if its last result is the answer).
 3. The paper's fix (§3): sample `samples_per_problem` = 10 responses per training
@@ -24,7 +27,7 @@ How the set-up's hyper-parameters were chosen (from the control only):
 - The SimPO learning rate is chosen by a rule in code (`paperzoo.core.experiment.choose_on_control`): the
   largest rate in `lr_grid` at which the SimPO control keeps at least 3/4 of the
   overthinking model's accuracy (not below it beyond the paired bootstrap interval) on
-  `calibration_problems` held-out equations that are not test problems. The treatment
+  `calibration_problems` held-out problems that are not test problems. The treatment
   is never run in the choice.
 - beta = 2 and gamma = 1 follow SimPO's recommended ratio gamma/beta = 0.5; 10 samples
   per problem at temperature 1 are the paper's; steps and batch were fixed before the
@@ -72,7 +75,8 @@ import torch
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
 from paperzoo.core.margins import Interval, bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoning import ANSWER, END_THINK, is_correct, problems, reasoner
+from paperzoo.core.reasoning import ANSWER, END_THINK, is_correct
+from paperzoo.core.reasoner import problems, reasoner
 from paperzoo.core.sampling import sample
 from paperzoo.core.training import TrainConfig, token_blocks, train
 from paperzoo.decoding.overthinking_efficiency import (
@@ -86,7 +90,7 @@ from paperzoo.decoding.overthinking_efficiency import (
 
 MARKER = "Wait"
 KEEP = 0.75  # "most" of an accuracy: the share a fine-tuned model must keep
-_LAST_RESULT = re.compile(r"=\s*(-?\d+)\s*$")
+_LAST_RESULT = re.compile(r"(?:=|\bso)\s*(-?\d+)\s*$")  # a work line ends "so 85"
 
 
 def overthinking_text(q, rounds: int) -> str:
@@ -151,8 +155,8 @@ CLAIM = Claim(
         "QwQ-32B-Preview) while keeping accuracy (within about a point) and raising both efficiencies."
     ),
     predicate=(
-        "Small reasoner made to overthink (fine-tuned on traces with redundant verification rounds), held-out linear "
-        "equations, greedy decoding; pairs as the paper builds them (10 samples per problem, the shortest FCS + "
+        "Small reasoner made to overthink (fine-tuned on traces with redundant verification rounds), held-out easy "
+        "problems (one or two additions and subtractions), greedy decoding; pairs as the paper builds them (10 samples per problem, the shortest FCS + "
         "Reflection response against the longest); the SimPO rate chosen on a no-length-preference control. After "
         "FCS+Reflection SimPO: (1) mean generated tokens fall by >= 30% (a conservative fraction of the paper's "
         "45-49% on math sets) with the paired bootstrap interval above zero; (2) accuracy drops by at most 3 "
@@ -179,12 +183,12 @@ SCALES = {
               "overthink_train": {"steps": 4, "batch_size": 4, "seq_len": 128, "lr": 1e-3, "warmup_steps": 1},
               "pair_problems": 6, "samples_per_problem": 3, "simpo_steps": 2, "simpo_batch": 2,
               "lr_grid": [1e-4, 1e-5], "beta": 2.0, "gamma": 1.0, "test_problems": 4, "calibration_problems": 4,
-              "min_pairs": 2, "max_new_tokens": 48},
+              "min_pairs": 2, "max_new_tokens": 48, "tiers": [0, 1]},
     "small": {"reasoner": "small", "verification_rounds": 3, "overthink_texts": 4000,
               "overthink_train": {"steps": 150, "batch_size": 16, "seq_len": 256, "lr": 1e-3, "warmup_steps": 10},
               "pair_problems": 128, "samples_per_problem": 10, "simpo_steps": 40, "simpo_batch": 8,
               "lr_grid": [1e-4, 3e-5, 1e-5], "beta": 2.0, "gamma": 1.0, "test_problems": 96,
-              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 200},
+              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 320, "tiers": [0, 1]},
 }
 
 
@@ -264,13 +268,13 @@ def run(ctx: RunContext) -> Outcome:
         raise ExperimentError("overthinking-efficiency runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     tok = r.tokenizer
-    kinds = ["linear_equation"]
-    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, kinds=kinds)
+    tiers = s["tiers"]
+    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=tiers)
     test_qs, cal_qs = held_out[: s["test_problems"]], held_out[s["test_problems"]:]
 
     # 1. An overthinking reasoner.
     texts = [overthinking_text(q, s["verification_rounds"])
-             for q in problems(s["overthink_texts"], "train", seed=ctx.seed + 1, kinds=kinds, distinct=False)]
+             for q in problems(s["overthink_texts"], "train", seed=ctx.seed + 1, tiers=tiers, distinct=False)]
     cfg = TrainConfig(**s["overthink_train"])
     overthinker = copy.deepcopy(r.model)
     hist = train(overthinker, token_blocks(tok, texts, cfg.seq_len), cfg, desc="teaching the reasoner to overthink",
@@ -281,7 +285,7 @@ def run(ctx: RunContext) -> Outcome:
         evals[name], per_problem[name] = measure(model, tok, test_qs, s["max_new_tokens"])
 
     # 2. Pairs as the paper builds them, and no-length-preference pairs for the control.
-    pair_qs = problems(s["pair_problems"], "train", seed=ctx.seed + 2, kinds=kinds)
+    pair_qs = problems(s["pair_problems"], "train", seed=ctx.seed + 2, tiers=tiers)
     pairs, control_pairs, drawn = build_pairs(overthinker, tok, pair_qs, s, ctx.seed)
 
     # 3. The rate from the control, then SimPO on the paper's pairs at that rate.

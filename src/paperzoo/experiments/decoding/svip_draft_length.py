@@ -74,7 +74,8 @@ import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoning import draft_reasoner, is_correct, problems, reasoner
+from paperzoo.core.reasoning import is_correct
+from paperzoo.core.reasoner import draft_reasoner, problems, reasoner
 from paperzoo.core.training import single_thread
 from paperzoo.decoding import greedy_decode
 from paperzoo.decoding.svip_draft_length import (
