@@ -10,6 +10,7 @@ import re
 from itertools import combinations
 
 import pytest
+import torch
 import sympy
 
 from paperzoo.core import reasoner_card as C
@@ -60,7 +61,9 @@ def test_every_tier_answer_is_right_by_python_and_sympy():
                 assert all(spec.digits[0] <= len(o) <= spec.digits[1] for o in operands)
             else:
                 lhs, rhs = p.question.split("=")
-                assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), int(rhs)), x) == [p.answer]
+                assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), eval(rhs)), x) == [p.answer]
+                assert len(p.work) == len(re.findall(r"[+-]", p.question)) + 1  # the right side's ops, then two
+                assert spec.ops[0] <= len(p.work) <= spec.ops[1]
             assert R.is_correct(p, T.trace(p))  # the verifier agrees with the task's own answer
             assert R.extract_answer(T.trace(p, "verbose")) == p.answer
 
@@ -179,7 +182,8 @@ def test_both_styles_parse_and_verbose_checks_are_true():
                     assert eval(state) == p.answer and state.startswith(f"{step.a}{step.op}{step.b}")
                 else:
                     lhs, rhs = state.split("=")
-                    assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), int(rhs))) == [p.answer]
+                    assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), eval(rhs))) == [p.answer]
+                    assert state.endswith(f"{step.a}") or f"{step.a}{step.op}{step.b}" in state  # what it works on
             assert C.thinking_length(verbose) > C.thinking_length(terse)
     with pytest.raises(ValueError, match="style"):
         T.trace(only(0, 1)[0], "chatty")
@@ -372,3 +376,35 @@ def test_train_reasoner_smoke_and_the_small_proposal():
     assert longest < small.model.max_seq_len == draft.model.max_seq_len
     with pytest.raises(ValueError, match="tier_mix"):
         T.ReasonerSpec(spec.model, spec.train, 10, tier_mix=(1.0,))
+
+
+def test_tiers_between_reads_the_card_and_falls_back_to_every_tier():
+    r = T.Reasoner("x", None, None, {"card": {"pass@1_by_tier": [0.95, 0.6, 0.12, 0.01]}})
+    assert T.tiers_between(r, 0.1, 0.9) == [1, 2]
+    assert T.tiers_between(r, 0.5, 0.55) == [0, 1, 2, 3]  # none qualifies: every tier
+    assert T.tiers_between(T.Reasoner("x", None, None, {}), 0.1, 0.9) == [0, 1, 2, 3]  # no card
+
+
+def test_the_wrong_step_is_left_out_of_the_loss_and_nothing_else():
+    tok = R.reasoning_tokenizer()
+    ps = T.ladder_problems(200, "train", distinct=False)
+    examples = T.training_examples(ps, T.TraceMix(0.2, 1.0), seed=3)  # every trace reflective
+    texts = T.training_texts(ps, T.TraceMix(0.2, 1.0), seed=3)
+    assert ["".join(t for t, _ in ex) for ex in examples] == texts
+    for ex, text in zip(examples, texts):
+        left_out = [t for t, m in ex if m]
+        assert len(left_out) == 1 and left_out[0].endswith("\n")
+        wrong = C.parse_work(left_out[0].strip())
+        assert wrong is not None and not wrong.right  # exactly the injected wrong line, and it is wrong
+        after = text.split(left_out[0], 1)[1]
+        assert after.startswith(T.WAIT)  # its re-check follows and is trained on
+    ids, labels = T.example_blocks(tok, examples, 64)
+    flat_ids, flat_labels = ids.flatten(), labels.flatten()
+    kept = flat_labels != -100
+    assert torch.equal(flat_labels[kept], flat_ids[kept])
+    joined = tok(tok.eos_token.join(texts), add_special_tokens=False)["input_ids"]
+    assert flat_ids.tolist() == joined[: len(flat_ids)]  # the same tokens token_blocks would make
+    masked_chars = sum(len(t) for ex in examples for t, m in ex if m)
+    assert 0.9 * masked_chars < (~kept).sum() <= masked_chars  # (the tail cut off by the last block)
+    unmasked = T.training_examples(ps, T.TraceMix(0.2, 1.0, mask_wrong_step=False), seed=3)
+    assert not any(m for ex in unmasked for _, m in ex)

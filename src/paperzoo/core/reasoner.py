@@ -18,14 +18,19 @@ tier  kind        problem
 0     chain       one ``+``/``-`` of two-digit numbers: ``37+48``
 1     chain       two operations on two-digit numbers: ``37+48-19``
 2     equation    two-step equation ``a x +- b = c`` (a one digit, x and b two): ``7x+25=683``
-3     chain       4-5 operations on two- and three-digit numbers: ``375+48-219+906``
+3     equation    the same with x and b of three digits and a right side that is a chain of two
+                  more operations, four steps in all: ``9x-349=7319-708+402``
 ====  ==========  =================================================================
 
-Tier 2 is the equation and tier 3 the long chain because the v1 reasoner solved
-equations far more often than chains (17% overall, 3-5% of the chains), and because
-the scratchpad must grow with the tier (A.5): a two-step equation is shorter work than
-a chain of five. Questions are the v1 formats (``37+48-19``, ``7x+25=683``), so whether a
-problem is held out is the v1 rule applied to its question (`Problem.held_out`).
+How the ladder was chosen (on the card, issue 10 A.1 and A.5, never on a paper's
+verdict): a first version had a chain of 4-5 operations on two- and three-digit numbers
+as its top tier. Trained for 830 steps the reasoner solved it 4% of the time (greedy),
+below the equations (16%); trained for 1600 steps, 92%, far above the equations (42%):
+column addition is one algorithm repeated, which a small transformer learns, while long
+division is not. So the top tier became an equation with a chain on its right side,
+longer than any tier below it and harder than the plain equation. Questions are the v1
+formats (``37+48-19``, ``7x+25=683``), so whether a problem is held out is the v1 rule
+applied to its question (`Problem.held_out`).
 
 **The scratchpad** writes one operation per line, digit by digit in the order a small
 transformer can compute them, then the plain result:
@@ -52,9 +57,12 @@ and redoes the step right:
 ``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85``.
 The error is one a column-wise reasoner makes: a dropped carry, borrow or remainder, or
 a column result off by one. Training data draws reflection per trace with a stated
-share (default 15%). Deviation from s1-style traces: the wrong step and its re-check
-are trained on like every other token (`core.training.train` has no loss mask), so the
-model also learns to make the error that often; a later recipe may mask the wrong line.
+share (default 15%). The wrong line itself is left out of the loss (`TraceMix.mask_wrong_step`,
+labels -100): the model learns to re-check after an error, not to make errors on purpose.
+Trained on the wrong line too (the first recipe), sampled traces at temperature 1 wrote a
+wrong step in about 12% of samples and fixed only a fifth of them, so samples were much
+worse than greedy decoding and majority voting could not beat it. Validation loss still
+scores the wrong lines.
 
 **Training.** `ReasonerSpec` holds the model, the training run, the style and
 reflection shares and the tier mix; `train_reasoner` trains one and returns (model,
@@ -92,7 +100,9 @@ class TierSpec:
     """One rung of the ladder.
 
     `kind` "chain": `ops` (low, high) operations whose operands have `digits` (low, high) digits.
-    `kind` "equation": ``a x +- b = c`` with a in 2..9 and x, b of `digits` digits; `ops` is (2, 2), its two steps.
+    `kind` "equation": ``a x +- b = c`` with a in 2..9 and x, b of `digits` digits, solved in two steps; with
+    `ops` above (2, 2), the right side is a chain of `ops - 2` more operations (``7x+25=683-19+244``), worked
+    out first.
     """
 
     kind: str
@@ -103,8 +113,8 @@ class TierSpec:
         if self.kind not in ("chain", "equation"):
             raise ValueError(f"kind must be 'chain' or 'equation', not {self.kind!r}")
         lo, hi = self.ops
-        if not 1 <= lo <= hi or (self.kind == "equation" and self.ops != (2, 2)):
-            raise ValueError(f"ops must be (low, high) with 1 <= low <= high ((2, 2) for an equation), not {self.ops}")
+        if not 1 <= lo <= hi or (self.kind == "equation" and lo < 2):
+            raise ValueError(f"ops must be (low, high) with 1 <= low <= high (2 <= low for an equation), not {self.ops}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 4:
             raise ValueError(f"digits must be (low, high) with 1 <= low <= high <= 4, not {self.digits}")
 
@@ -113,7 +123,7 @@ TIERS: tuple[TierSpec, ...] = (
     TierSpec("chain", (1, 1), (2, 2)),
     TierSpec("chain", (2, 2), (2, 2)),
     TierSpec("equation", (2, 2), (2, 2)),
-    TierSpec("chain", (4, 5), (2, 3)),
+    TierSpec("equation", (4, 4), (3, 3)),
 )
 CHAIN_CAP = 9999  # a chain adds only while the running value stays at most this
 
@@ -298,9 +308,34 @@ def equation(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
     a, x, b = rng.randint(2, 9), _operand(rng, spec.digits), _operand(rng, spec.digits)
     plus = rng.random() < 0.5 or a * x - b < 0
     c = a * x + b if plus else a * x - b
-    question = f"{a}x{'+' if plus else '-'}{b}={c}"
-    work = [Step(c, "-" if plus else "+", b, lead=f"{a}x="), Step(a * x, "/", a, lead="x=")]
-    return _problem("linear_equation", question, x, work, [question, f"{a}x={a * x}"], tier)
+    left = f"{a}x{'+' if plus else '-'}{b}="
+    rhs, work, states = _chain_to(rng, c, rng.randint(*spec.ops) - 2, spec.digits), [], []
+    expression = rhs[0]
+    value = int(expression)
+    for op, operand in rhs[1:]:  # the right side's chain first, each step restating what is left
+        states.append(left + str(value) + "".join(f"{o}{v}" for o, v in rhs[1 + len(work):]))
+        work.append(Step(value, op, operand))
+        value = work[-1].result
+    question = left + expression + "".join(f"{o}{v}" for o, v in rhs[1:])
+    states += [f"{left}{c}", f"{a}x={a * x}"]
+    work += [Step(c, "-" if plus else "+", b, lead=f"{a}x="), Step(a * x, "/", a, lead="x=")]
+    return _problem("linear_equation", question, x, work, states, tier)
+
+
+def _chain_to(rng: random.Random, target: int, n: int, digits: tuple[int, int]) -> list:
+    """[start, (op, operand), ...]: `n` operations of `digits`-digit operands whose running value ends at `target`.
+
+    Drawn backwards from `target`, redrawing an operation that would make a value negative or above `CHAIN_CAP`.
+    """
+    ops, value = [], target
+    while len(ops) < n:
+        b = _operand(rng, digits)
+        op = "+" if value - b >= 1 and rng.random() < 0.5 else "-"
+        before = value - b if op == "+" else value + b
+        if 1 <= before <= CHAIN_CAP:
+            ops.append((op, b))
+            value = before
+    return [str(value)] + ops[::-1]
 
 
 def _problem(kind, question, answer, work, states, tier) -> LadderProblem:
@@ -346,6 +381,35 @@ def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[
 # Traces
 
 
+def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
+                   reflect: bool = False) -> list[tuple[str, bool]]:
+    """`trace` as (text, is the injected wrong step) pieces, so training can leave the wrong step out of the loss."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+    if reflect and rng is None:
+        raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
+    wrong_at = rng.randrange(len(problem.work)) if reflect else None
+    pieces: list[tuple[str, bool]] = []
+    for k, step in enumerate(problem.work):
+        if style == "verbose":
+            pieces.append((f"{STEP} {k + 1} of {len(problem.work)}: {problem.states[k]}\n", False))
+        if k == wrong_at:
+            wrong, recheck = reflection_lines(step, rng.choice(possible_errors(step)))
+            pieces += [(f"{wrong}\n", True), (f"{recheck}\n", False)]
+        else:
+            pieces.append((f"{work_line(step)}\n", False))
+        if style == "verbose":
+            pieces.append((f"{check_line(step)}\n", False))
+    pieces.append((f"{END_THINK}{ANSWER} {problem.answer}", False))
+    merged: list[tuple[str, bool]] = []  # neighbouring pieces of the same kind joined
+    for text, wrong in pieces:
+        if merged and merged[-1][1] == wrong:
+            merged[-1] = (merged[-1][0] + text, wrong)
+        else:
+            merged.append((text, wrong))
+    return merged
+
+
 def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
           reflect: bool = False) -> str:
     """What a reasoner writes after the prompt: the thinking, ``</think>``, ``Answer: N`` (EOS follows).
@@ -353,30 +417,20 @@ def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | Non
     With `reflect`, one step (drawn by `rng`) is written wrong with a drawn column error,
     then re-checked after ``Wait`` and redone right; later steps continue from the right value.
     """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
-    if reflect and rng is None:
-        raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
-    wrong_at = rng.randrange(len(problem.work)) if reflect else None
-    lines = []
-    for k, step in enumerate(problem.work):
-        if style == "verbose":
-            lines.append(f"{STEP} {k + 1} of {len(problem.work)}: {problem.states[k]}")
-        if k == wrong_at:
-            lines.extend(reflection_lines(step, rng.choice(possible_errors(step))))
-        else:
-            lines.append(work_line(step))
-        if style == "verbose":
-            lines.append(check_line(step))
-    return "".join(f"{line}\n" for line in lines) + f"{END_THINK}{ANSWER} {problem.answer}"
+    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect))
 
 
 @dataclass(frozen=True)
 class TraceMix:
-    """How training traces are drawn: the verbose share and the reflective share (each per trace, independently)."""
+    """How training traces are drawn: the verbose share and the reflective share (each per trace, independently).
+
+    `mask_wrong_step`: the injected wrong step is context but not a training target, so the
+    model learns to re-check after an error without learning to make the error.
+    """
 
     verbose_share: float = 0.2
     reflect_share: float = 0.15
+    mask_wrong_step: bool = True
 
     def __post_init__(self):
         for name in ("verbose_share", "reflect_share"):
@@ -384,15 +438,38 @@ class TraceMix:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
 
 
-def training_texts(problems: Sequence[LadderProblem], mix: TraceMix = TraceMix(), seed: int = 0) -> list[str]:
-    """Prompt + trace for each problem, style and reflection drawn per trace with `mix`'s shares."""
+def training_examples(problems: Sequence[LadderProblem], mix: TraceMix = TraceMix(),
+                      seed: int = 0) -> list[list[tuple[str, bool]]]:
+    """Prompt + trace for each problem as (text, leave out of the loss) pieces; style and reflection drawn per trace."""
     rng = random.Random(f"traces-{seed}")
-    texts = []
+    out = []
     for p in problems:
         style = "verbose" if rng.random() < mix.verbose_share else "terse"
         reflect = rng.random() < mix.reflect_share
-        texts.append(p.prompt + trace(p, style, rng, reflect))
-    return texts
+        pieces = [(p.prompt, False)] + trace_segments(p, style, rng, reflect)
+        out.append([(text, wrong and mix.mask_wrong_step) for text, wrong in pieces])
+    return out
+
+
+def training_texts(problems: Sequence[LadderProblem], mix: TraceMix = TraceMix(), seed: int = 0) -> list[str]:
+    """Prompt + trace for each problem, style and reflection drawn per trace with `mix`'s shares."""
+    return ["".join(text for text, _ in pieces) for pieces in training_examples(problems, mix, seed)]
+
+
+def example_blocks(tokenizer, examples: Sequence[Sequence[tuple[str, bool]]],
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) [N, seq_len] like `training.token_blocks`, with label -100 on the pieces left out of the loss."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for pieces in examples:
+        for text, left_out in pieces:
+            row = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += row
+            labels += [-100] * len(row) if left_out else row
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return (torch.tensor(ids[: n * seq_len]).view(n, seq_len), torch.tensor(labels[: n * seq_len]).view(n, seq_len))
 
 
 def unknown_characters(text: str) -> set[str]:
@@ -414,7 +491,7 @@ class ReasonerSpec:
     train: TrainConfig
     train_problems: int
     traces: TraceMix = TraceMix()
-    tier_mix: tuple[float, ...] = (0.15, 0.25, 0.25, 0.35)
+    tier_mix: tuple[float, ...] = (0.15, 0.2, 0.3, 0.35)
     tiers: tuple[TierSpec, ...] = TIERS
     val_problems: int = 400
     seed: int = 0
@@ -479,9 +556,10 @@ def train_reasoner(spec: ReasonerSpec, desc: str = "training a reasoner") -> tup
     train_set = ladder_problems(spec.train_problems, "train", seed=spec.seed, tiers=spec.tiers, mix=spec.tier_mix,
                                 distinct=False)
     val_set = ladder_problems(spec.val_problems, "test", seed=spec.seed, tiers=spec.tiers, mix=spec.tier_mix)
-    texts = training_texts(train_set, spec.traces, seed=spec.seed)
+    examples = training_examples(train_set, spec.traces, seed=spec.seed)
+    texts = ["".join(text for text, _ in pieces) for pieces in examples]
     val_texts = training_texts(val_set, spec.traces, seed=spec.seed + 1)
-    blocks = token_blocks(tokenizer, texts, spec.train.seq_len)
+    blocks, labels = example_blocks(tokenizer, examples, spec.train.seq_len)
     val_blocks = token_blocks(tokenizer, val_texts, spec.train.seq_len)
     if len(blocks) == 0 or len(val_blocks) == 0:
         raise ValueError(f"train_problems ({spec.train_problems}) and val_problems ({spec.val_problems}) must make "
@@ -489,11 +567,12 @@ def train_reasoner(spec: ReasonerSpec, desc: str = "training a reasoner") -> tup
     torch.manual_seed(spec.seed)
     model = spec.model.build().to(training_device())
     start = time.perf_counter()
-    history = train(model, blocks, spec.train, val_blocks=val_blocks, desc=desc, seed=spec.seed)
+    history = train(model, blocks, spec.train, val_blocks=val_blocks, desc=desc, seed=spec.seed, labels=labels)
     data_tokens = blocks.numel()
     record = {
         "spec": asdict(spec), "device": str(training_device()), "train_seconds": time.perf_counter() - start,
         "data": {"traces": len(texts), "tokens": data_tokens, "epochs": history["tokens"] / data_tokens,
+                 "masked_tokens": int((labels == -100).sum()),
                  "verbose_share": sum(f"\n{CHECK} " in t for t in texts) / len(texts),
                  "reflect_share": sum(f"\n{WAIT}, " in t for t in texts) / len(texts),
                  "tier_share": [sum(p.tier == t for p in train_set) / len(train_set) for t in range(len(spec.tiers))]},
@@ -532,6 +611,18 @@ class Reasoner:
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict:
         return self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def tiers_between(r: "Reasoner", low: float, high: float) -> list[int]:
+    """The tiers on which the reasoner's sampled accuracy (pass@1 at temperature 1, from its card) is in [low, high].
+
+    How an experiment that needs a learning signal (some samples right, some wrong) picks its
+    problems from the substrate alone, before any treatment runs. Every tier when none qualifies
+    or the record has no card (the smoke model's figures mean nothing).
+    """
+    by_tier = (r.record.get("card") or {}).get("pass@1_by_tier") or []
+    chosen = [t for t, p in enumerate(by_tier) if p is not None and low <= p <= high]
+    return chosen or list(range(len(TIERS)))
 
 
 # The card's size per scale: (held-out problems, samples per problem, new-token budget or None for the longest

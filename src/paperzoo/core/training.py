@@ -91,12 +91,15 @@ def progress(desc: str, disable: bool | None = None) -> Progress:
 
 
 def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Tensor | None = None,
-          params=None, desc: str = "training", seed: int = 0) -> dict:
+          params=None, desc: str = "training", seed: int = 0, labels: torch.Tensor | None = None) -> dict:
     """Train `model` (in place) on random batches of `blocks`; return the loss history.
 
     `params` restricts the optimiser (e.g. to LoRA weights); by default every
-    parameter with requires_grad is trained.
+    parameter with requires_grad is trained. `labels` (the shape of `blocks`, -100 on
+    positions left out of the loss) defaults to `blocks` itself.
     """
+    if labels is not None and labels.shape != blocks.shape:
+        raise ValueError(f"labels must have the shape of blocks {tuple(blocks.shape)}, not {tuple(labels.shape)}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = 0
     device = next(model.parameters()).device
@@ -127,8 +130,9 @@ def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Te
         for step in range(1, config.steps + 1):
             idx = torch.randint(len(blocks), (config.batch_size,), generator=generator)
             x = blocks[idx, : config.seq_len].to(device)
+            y = x if labels is None else labels[idx, : config.seq_len].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = net(input_ids=x, labels=x).loss
+                loss = net(input_ids=x, labels=y).loss
             if not math.isfinite(loss.item()):
                 if not all(torch.isfinite(p).all() for p in model.parameters()):
                     raise NonFiniteLossError(f"{desc}: the model's weights hold NaN or inf (loss {loss.item()} at step "

@@ -13,8 +13,11 @@ problem, temperature 1, exact verifier):
 
 Each model, and the untouched reasoner, is then sampled `eval_samples` times per
 held-out problem; with an exact verifier, BoN accuracy at N is pass@N, computed
-with the unbiased estimator. Linear equations only: the reasoner is right on them
-often enough for RL to have a signal.
+with the unbiased estimator. Problems: the tiers of the reasoner's ladder on which its own
+sampled accuracy (pass@1 at temperature 1, read from the reasoner's card before anything
+runs, `reasoner.tiers_between`) lies in [0.1, 0.9], so that RL has a signal: some samples
+right, some wrong. (Until issue 10: the version-1 reasoner's linear equations.) Up to 320
+new tokens, enough for the longest terse trace of the hardest tier.
 
 How the set-up's hyper-parameters were chosen (from the control only):
 
@@ -62,7 +65,7 @@ import torch
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer, is_correct
-from paperzoo.core.reasoner import problems, reasoner
+from paperzoo.core.reasoner import problems, reasoner, tiers_between
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.bon_aware_finetuning import (
     bon_rlb_weights,
@@ -115,7 +118,7 @@ CLAIM = Claim(
         "single-sample accuracy for diversity that BoN exploits."
     ),
     predicate=(
-        "Small reasoner, held-out linear equations, exact verifier (BoN@N = pass@N, unbiased estimator from "
+        "Small reasoner, held-out problems of the ladder tiers where its pass@1 is in [0.1, 0.9], exact verifier (BoN@N = pass@N, unbiased estimator from "
         "16 samples per problem). After the same number of steps on the same problems with the same samples "
         "per step and the learning rate chosen on the RL control: (1) BoN-RLB (N=16, the paper's g+/g- weights "
         "on draws from the BoN policy) has higher BoN@16 than both rejection-sampling fine-tuning and ordinary RL "
@@ -139,10 +142,12 @@ SEED_VARIES = ("the training, calibration and test problems drawn, the order of 
 SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "problems_per_step": 2, "k": 4, "steps": 2,
               "train_N": 4, "lr_grid": [1e-4, 3e-5], "calibration_problems": 4, "calibration_samples": 2,
-              "test_problems": 4, "eval_samples": 4, "eval_N": [1, 4], "max_new_tokens": 24},
+              "test_problems": 4, "eval_samples": 4, "eval_N": [1, 4], "max_new_tokens": 24,
+              "pass@1_range": [0.1, 0.9]},
     "small": {"reasoner": "small", "train_problems": 512, "problems_per_step": 16, "k": 8, "steps": 16,
               "train_N": 16, "lr_grid": [3e-4, 1e-4, 3e-5], "calibration_problems": 64, "calibration_samples": 8,
-              "test_problems": 96, "eval_samples": 16, "eval_N": [1, 4, 16], "max_new_tokens": 40},
+              "test_problems": 96, "eval_samples": 16, "eval_N": [1, 4, 16], "max_new_tokens": 320,
+              "pass@1_range": [0.1, 0.9]},
 }
 
 
@@ -191,8 +196,9 @@ def run(ctx: RunContext) -> Outcome:
         raise ExperimentError("bon-aware-finetuning runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     tok = r.tokenizer
-    train_qs = problems(s["train_problems"], "train", seed=ctx.seed, tiers=s["tiers"])
-    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=s["tiers"])
+    tiers = tiers_between(r, *s["pass@1_range"])
+    train_qs = problems(s["train_problems"], "train", seed=ctx.seed, tiers=tiers)
+    held_out = problems(s["test_problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=tiers)
     test_qs, cal_qs = held_out[: s["test_problems"]], held_out[s["test_problems"]:]
     G = s["problems_per_step"]
     batches = [np.random.default_rng(ctx.seed * 1000 + step).choice(len(train_qs), G, replace=False)
@@ -234,6 +240,7 @@ def run(ctx: RunContext) -> Outcome:
         "model": r.name,
         "train_problems": len(train_qs),
         "test_problems": len(test_qs),
+        "tiers": tiers,
         "calibration_problems": len(cal_qs),
         "eval_N": s["eval_N"],
         "train_N": s["train_N"],
@@ -255,7 +262,7 @@ def plot(fig, m: dict) -> None:
         ax.plot(Ns, [m["bon_accuracy"][name][str(N)] for N in Ns], "-o", color=colour, label=name)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="N (samples BoN chooses among; exact verifier)", ylabel="BoN accuracy (= pass@N)",
-           title=f"Held-out linear equations ({m['test_problems']} problems), lr {m['lr']:g}")
+           title=f"Held-out problems, tiers {m.get('tiers')} ({m['test_problems']} problems), lr {m['lr']:g}")
     ax.legend(fontsize=8)
     for arm, colour in zip(ARMS, ["tab:green", "tab:blue", "tab:red"]):
         h = m["training"][arm]
