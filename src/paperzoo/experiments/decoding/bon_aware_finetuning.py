@@ -16,8 +16,9 @@ held-out problem; with an exact verifier, BoN accuracy at N is pass@N, computed
 with the unbiased estimator. Problems: the tiers of the reasoner's ladder on which its own
 sampled accuracy (pass@1 at temperature 1, read from the reasoner's card before anything
 runs, `reasoner.tiers_between`) lies in [0.1, 0.9], so that RL has a signal: some samples
-right, some wrong. (Until issue 10: the version-1 reasoner's linear equations.) Up to 320
-new tokens, enough for the longest terse trace of the hardest tier.
+right, some wrong. (Until issue 10: the version-1 reasoner's linear equations.) Up to 640
+new tokens, enough for the longest trace the reasoner was trained on (verbose, reflective,
+hardest tier: about 560).
 
 How the set-up's hyper-parameters were chosen (from the control only):
 
@@ -146,7 +147,7 @@ SCALES = {
               "pass@1_range": [0.1, 0.9]},
     "small": {"reasoner": "small", "train_problems": 512, "problems_per_step": 16, "k": 8, "steps": 16,
               "train_N": 16, "lr_grid": [3e-4, 1e-4, 3e-5], "calibration_problems": 64, "calibration_samples": 8,
-              "test_problems": 96, "eval_samples": 16, "eval_N": [1, 4, 16], "max_new_tokens": 320,
+              "test_problems": 96, "eval_samples": 16, "eval_N": [1, 4, 16], "max_new_tokens": 640,
               "pass@1_range": [0.1, 0.9]},
 }
 

@@ -30,10 +30,10 @@ fails when it lies below, and is undecided when it straddles zero
 N = 0 to 2 with the gain from N = 2 to 4, in the same three-way manner, and is judged
 only when extensions help at all.
 
-Set-up hyper-parameters: the budgets (0 .. 192 tokens, up to about the longest terse trace
+Set-up hyper-parameters: the budgets (0 .. 256 tokens, a little above the mean terse trace
 of the ladder's hardest tier) and N = 0 .. 4 follow the paper's figures scaled to the
-reasoner's traces (about 30 thinking tokens on the easiest tier, 170 on the hardest); the
-cap of 384 thinking tokens leaves room for four re-checks and keeps runaway traces finite;
+reasoner's traces (about 45 thinking tokens on the easiest tier, 210 on the hardest); the
+cap of 512 thinking tokens leaves room for re-checks and keeps runaway traces finite;
 256 problems, the four tiers in turn, is set by CPU time. None was chosen by looking at any
 accuracy. (Until issue 10 the budgets were 0 .. 48 and the cap 128, for the version-1
 reasoner's 20-60 character traces.)
@@ -174,8 +174,8 @@ SEED_VARIES = "which held-out problems are drawn (decoding is greedy, so nothing
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 6, "caps": [0, 4, 8], "extensions": [0, 1, 2, 4],
               "thinking_cap": 32, "max_answer_tokens": 12, "continuation": "Wait"},
-    "small": {"reasoner": "small", "problems": 256, "caps": [0, 8, 16, 32, 48, 64, 96, 128, 192],
-              "extensions": [0, 1, 2, 3, 4], "thinking_cap": 384, "max_answer_tokens": 16, "continuation": "Wait"},
+    "small": {"reasoner": "small", "problems": 256, "caps": [0, 8, 16, 32, 48, 64, 96, 128, 192, 256],
+              "extensions": [0, 1, 2, 3, 4], "thinking_cap": 512, "max_answer_tokens": 16, "continuation": "Wait"},
 }
 
 

@@ -146,7 +146,7 @@ SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 4, "traces": 16, "warmup": 1, "window": 4, "tail": 4, "top_k": 20,
               "tau": 0.95, "temperature": 1.0, "max_new_tokens": 40, "parallel": 4, "batch_size": 64},
     "small": {"reasoner": "small", "problems": 64, "traces": 128, "warmup": 8, "window": 8, "tail": 8, "top_k": 20,
-              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 320, "parallel": 4, "batch_size": 256},
+              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 640, "parallel": 4, "batch_size": 256},
 }
 
 

@@ -178,7 +178,7 @@ SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "pair_samples": 4, "pairs_per_problem": 4, **_ARM,
               "arm_batch": 4, "test_problems": 4, "samples": 2, "best_of": 4, "max_new_tokens": 40},
     "small": {"reasoner": "small", "train_problems": 1024, "pair_samples": 8, "pairs_per_problem": 8, **_ARM,
-              "test_problems": 64, "samples": 4, "best_of": 16, "max_new_tokens": 320},
+              "test_problems": 64, "samples": 4, "best_of": 16, "max_new_tokens": 640},
 }
 
 
