@@ -28,6 +28,12 @@ def test_report_files(report_dir):
     assert "<h3>blocks</h3>" in page and page.count('<td>angular</td>') == 2  # per-block rows as a table
 
 
+def test_substrate_page_lists_the_cards_records_stood_on(report_dir):
+    page = (report_dir / "substrate.html").read_text()
+    assert "<h2>base-smoke-" in page and 'href="layer-pruning.html"' in page  # the smoke run's base LM and its user
+    assert "parameters" in page and 'href="substrate.html"' in (report_dir / "index.html").read_text()
+
+
 def test_report_is_written_fresh_and_never_over_a_foreign_folder(report_dir, tmp_path):
     from paperzoo.report import ReportError
 

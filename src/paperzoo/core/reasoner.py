@@ -512,12 +512,16 @@ def forward_flops_per_token(config: TinyLMConfig, context: int) -> float:
 
 _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 # `small`, chosen on validation loss and the card (issue 10: never on a paper's verdict). Width 160 x 6 layers
-# (1.9M parameters), 768 positions (the longest trace, tier 3 verbose and reflective, is ~660 tokens with its
-# prompt). Two runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16), same data recipe:
-#   830 steps x 16 x 256 (3.4M tokens), 40k problems: 356 s alone (9.7k tokens/s); val loss 0.277; card on 100
-#     problems x 16: greedy 0.47 by tier [1.00, 0.68, 0.16, 0.04], but majority@16 1 point *below* greedy;
-#   1600 steps (6.6M tokens), 80k problems: 893 s while tests shared the cores (~11 min alone); val loss 0.254;
-#     its card is the one recorded (see the closing note of issue 10 and `paperzoo substrate`).
+# (1.9M parameters), 768 positions (the longest trace, tier 3 verbose and reflective, is ~560 tokens with its
+# prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
+# problems (greedy accuracy by tier; majority@16 minus greedy):
+#   A. first ladder (top tier a 4-5 operation chain), wrong steps trained on, 830 steps x 16 x 256 (3.4M tokens):
+#      356 s, val loss 0.277; card (100 problems): [1.00, 0.68, 0.16, 0.04], majority -1 point;
+#   B. the same, 1600 steps (6.6M tokens), 80k problems: val loss 0.254; card (500): [1.00, 1.00, 0.42, 0.92]
+#      (the long chain became easy, the equation did not), majority -1 point;
+#   C. this recipe: top tier a four-step equation, the wrong step left out of the loss, 1600 steps: 727 s
+#      (9.3k tokens/s), val loss 0.236; card (500): [1.00, 0.98, 0.74, 0.34], overall 0.764 (target <= 0.75),
+#      majority +0.2 points (target +5): see README, "The reasoner".
 REASONERS = {
     "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 768),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
