@@ -7,7 +7,7 @@ import torch
 
 from paperzoo.core import reasoning as R
 from paperzoo.core.reasoner import draft_reasoner, problems, reasoner, trace
-from paperzoo.core.sampling import sample, token_statistics
+from paperzoo.core.sampling import GrowingCache, sample, token_statistics
 from paperzoo.decoding import count_forward_passes, greedy_decode
 
 
@@ -139,3 +139,26 @@ def test_sampling_rules_temperature_and_top_p():
     hot = _next_tokens(logits, 2.0, 1.0)  # temperature 2 flattens: p ~ sqrt(p)
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
     assert abs(hot.eq(3).float().mean() - expected[3] / expected.sum()) < 0.03
+
+
+def test_growing_cache_holds_what_a_dynamic_cache_holds():
+    """Prefill, steps, a batch selection (rows leave), a crop, and a regrowth past the first buffer."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    grow, plain = GrowingCache(), DynamicCache()
+
+    def step(length, batch):
+        k, v = torch.randn(batch, 2, length, 4, generator=g), torch.randn(batch, 2, length, 4, generator=g)
+        return [cache.update(k, v, 0) for cache in (grow, plain)]
+
+    step(5, 3)
+    for _ in range(70):  # past the first 64-column buffer
+        step(1, 3)
+    for cache in (grow, plain):
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        cache.crop(-3)
+    (keys, values), (plain_keys, plain_values) = step(2, 2)
+    assert grow.get_seq_length() == plain.get_seq_length() == 74
+    torch.testing.assert_close(keys, plain_keys, rtol=0, atol=0)
+    torch.testing.assert_close(values, plain_values, rtol=0, atol=0)

@@ -12,6 +12,9 @@ not batch size x the longest one. Reasoning traces vary from 20 to 700 tokens an
 one sample that never stops used to hold a whole batch to the budget (measured on the
 v2 reasoner: a card of 100 problems x 16 samples took 830 s through `generate`; `benchmarks/sampling.py`,
 128 completions at temperature 1 on 2 threads: 5.8 s against 77.9 s, 13.4x).
+The cache is a `GrowingCache`: transformers' `DynamicCache` concatenates every new
+column onto the whole cache, which profiled at half the sampler's time; ours writes into
+spare capacity that doubles when full (1.2x end to end on the reasoner's samples, the same tokens).
 Sampling follows `generate`'s rules (temperature, then top-p keeping at least one
 token; greedy is the argmax), and tests check greedy against `generate` token for token.
 
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 @dataclass
@@ -119,6 +123,44 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in a buffer that doubles when full.
+
+    `DynamicLayer.update` concatenates, copying the whole cache at every decoding step
+    (half of a reasoning sampler's time, profiled). Here a step writes one column into
+    spare capacity; `keys` and `values` are views of the filled part, so every other
+    method of the layer (crop, length, masks) works unchanged.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        buffer = getattr(self, "_buffer", None)
+        if buffer is None or m > buffer[0].shape[-2]:
+            shape = (*key_states.shape[:-2], max(2 * m, 64), key_states.shape[-1])
+            buffer = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n:
+                buffer[0][..., :n, :], buffer[1][..., :n, :] = self.keys, self.values
+            self._buffer = buffer
+        buffer[0][..., n:m, :], buffer[1][..., n:m, :] = key_states, value_states
+        self.keys, self.values = buffer[0][..., :m, :], buffer[1][..., :m, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = self.get_seq_length()
+        if n > 0:
+            self._buffer = (self._buffer[0][indices], self._buffer[1][indices])
+            self.keys, self.values = self._buffer[0][..., :n, :], self._buffer[1][..., :n, :]
+
+
+class GrowingCache(DynamicCache):
+    """A KV cache for decoding loops: `DynamicCache` without the per-step copy (1.2x on the reasoner's samples)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=_GrowingLayer)
+
+
 def cache_argument(model) -> str:
     """The name `model.forward` takes its KV cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -131,9 +173,9 @@ def _decode(model, enc: dict, max_new_tokens: int, temperature: float, top_p: fl
     rows = torch.arange(ids.shape[0])  # the batch rows still generating, as indices of the original rows
     tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
     logits_of: list[list[torch.Tensor]] = [[] for _ in range(ids.shape[0])]
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-    cache, position, cache_name = out.past_key_values, position[:, -1:], cache_argument(model)
+    position, cache_name, cache = (mask.cumsum(-1) - 1).clamp(min=0), cache_argument(model), GrowingCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **{cache_name: cache})
+    position = position[:, -1:]
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         chosen = _next_tokens(logits, temperature, top_p)

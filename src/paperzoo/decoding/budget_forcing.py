@@ -69,7 +69,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from paperzoo.core.reasoning import END_THINK
-from paperzoo.core.sampling import check_positions, encode_left_padded, max_positions
+from paperzoo.core.sampling import GrowingCache, check_positions, encode_left_padded, max_positions
 from paperzoo.decoding import Generation, count_forward_passes
 
 
@@ -142,7 +142,7 @@ def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_to
         start = time.perf_counter()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_name: None})
+                    use_cache=True, **{cache_name: GrowingCache()})
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1]  # [B, V]
             choice = _choose(logits, temperature, top_p).tolist()
