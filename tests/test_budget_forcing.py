@@ -246,3 +246,31 @@ def test_predicate_by_hand():
     assert list(preconditions(m).values()) == [False, None, True]
     m["recheck"] = {"extended": 100, "rechecked": 50, "wrong": 30, "fixed": 1}
     assert list(preconditions(m).values())[:2] == [True, False]
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smoke):
+    """A row's tokens are the same in a batch as alone, when rows finish at different steps."""
+    model, tok = smoke.model, smoke.tokenizer
+    last = {}
+    trigger = torch.tensor(ids(tok, "="))
+
+    def remember(module, args, kwargs):
+        last["ids"] = kwargs["input_ids"][:, -1]
+
+    def end_after_equals(module, args, output):  # a row's own last token decides: rows end at different steps
+        output = output.clone()
+        output[:, -1, tok.convert_tokens_to_ids(END_THINK)] += 30.0 * torch.isin(last["ids"], trigger)
+        return output
+
+    hooks = [model.register_forward_pre_hook(remember, with_kwargs=True),
+             model.get_output_embeddings().register_forward_hook(end_after_equals)]
+    try:
+        prompts = PROMPTS + ["Q: 7+8\n<think>", "Q: 40x=80\n<think>"]
+        batch = budget_force_batch(model, tok, prompts, max_new_tokens=40, max_answer_tokens=3, num_extensions=1)
+        alone = [budget_force_batch(model, tok, [p], max_new_tokens=40, max_answer_tokens=3, num_extensions=1)[0]
+                 for p in prompts]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len({len(g.tokens) for g in batch}) > 1  # rows did finish at different steps
+    assert [g.tokens for g in batch] == [g.tokens for g in alone]

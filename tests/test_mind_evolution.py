@@ -198,7 +198,7 @@ def test_proposer_must_return_one_solution_per_request():
 # --------------------------------------------------------------------------- the experiment's checker and predicate
 
 def test_linear_checker_by_hand():
-    q = next(p for p in problems(50, "test", tiers=[EQUATION_TIER]) if "+" in p.question)
+    q = next(p for p in problems(50, "test", tiers=[EQUATION_TIER - 1]) if "+" in p.question)  # 7x+25=683
     good = q.solution
     c = check_linear_solution(q, good)
     assert c.solved and c.score == 2.0 and len(c.verified) == 2
@@ -214,10 +214,23 @@ def test_linear_checker_by_hand():
     cands = [Candidate(wrong_div, 1 - math.log1p(a), "", False), Candidate("garbage", -10.0, "", False)]
     assert render_linear(q, cands) == q.prompt + first + "\n"
     assert render_linear(q, []) == q.prompt
-    for i in range(10):  # a verbose or reflective trace: the step lines are found, the redone step counts
-        for style in ("terse", "verbose"):
-            c = check_linear_solution(q, trace(q, style, random.Random(i), reflect=True))
-            assert c.solved and c.verified == tuple(q.steps)
+    for tier in (EQUATION_TIER - 1, EQUATION_TIER):  # the two-step equations and the chained ones
+        for p in problems(20, "test", tiers=[tier]):
+            for i in range(3):  # a verbose or reflective trace: the step lines are found, the redone step counts
+                for style in ("terse", "verbose"):
+                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True))
+                    assert c.solved and c.verified == tuple(p.steps)
+
+
+def test_linear_checker_verifies_the_chain_in_order():
+    q = problems(1, "test", tiers=[EQUATION_TIER])[0]  # 9x-349=7319-708+402: two chain steps, then two more
+    assert len(q.steps) == 4
+    head, rest = q.steps[0].rsplit(" so ", 1)
+    wrong = "\n".join([f"{head} so {int(rest) + 1}", *q.steps[1:]]) + f"\n</think>Answer: {q.answer}"
+    c = check_linear_solution(q, wrong)  # a wrong first chain step: nothing after it is verified
+    assert c.verified == () and c.solved and f"is not {int(rest) + 1}" in c.feedback
+    c = check_linear_solution(q, "\n".join(q.steps[:2]) + "\n</think>Answer: 0")
+    assert c.verified == tuple(q.steps[:2]) and "should read" in c.feedback and not c.solved
 
 
 def _solved(rate, n=60):

@@ -35,7 +35,10 @@ Implementation notes:
   a processor never sees, and a multi-token continuation must be fed in whatever
   the model would have chosen. (The official code re-prompts vLLM after each stop
   at the delimiter, re-reading the prefix each time; here the continuation tokens
-  are fed one per step through the cache, one forward pass each, counted.)
+  are fed one per step through the cache, one forward pass each, counted.) A row
+  that is done leaves the batch and its cache rows, so a batch costs the sum of its
+  rows' lengths rather than batch size x the longest (2x on 64 of the reasoner's
+  problems with N = 2, the same tokens); `forward_passes` still counts batch steps.
 - The delimiter is a parameter (a string that must be a single token of the
   tokenizer; `</think>` for paperzoo's reasoner) and so are the continuation
   string (default "Wait"; "" suppresses the delimiter alone, the paper's "no string"
@@ -137,27 +140,32 @@ def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_to
     mask = enc["attention_mask"].to(device)  # [B, T], grows by one column per step
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows = [_Row() for _ in prompts]
+    active = list(range(len(prompts)))  # rows still decoding; a finished row leaves the batch and its cache
+    cache = GrowingCache()
     torch.manual_seed(seed)
     with count_forward_passes(model) as passes:
         start = time.perf_counter()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_name: GrowingCache()})
+                    use_cache=True, **{cache_name: cache})
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1]  # [B, V]
             choice = _choose(logits, temperature, top_p).tolist()
             without_d = _choose(logits, temperature, top_p, banned=d).tolist() if not wait else choice
-            nxt = []
-            for r, c, c_no_d in zip(rows, choice, without_d):
-                nxt.append(_advance(r, c, c_no_d, d, eos, wait, prefix, max_thinking_tokens, num_extensions,
-                                    max_answer_tokens))
-            if all(r.phase == "done" for r in rows):
+            nxt = [_advance(rows[i], c, c_no_d, d, eos, wait, prefix, max_thinking_tokens, num_extensions,
+                            max_answer_tokens) for i, c, c_no_d in zip(active, choice, without_d)]
+            keep = [j for j, i in enumerate(active) if rows[i].phase != "done"]
+            if not keep:
                 break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, active, nxt = mask[index], [active[j] for j in keep], [nxt[j] for j in keep]
             step = torch.tensor(nxt, device=device).unsqueeze(-1)  # [B, 1]
             new_positions = mask.sum(-1, keepdim=True)  # [B, 1]: one past each row's last position
             mask = torch.cat([mask, torch.ones_like(step)], dim=-1)
             out = model(input_ids=step, attention_mask=mask, position_ids=new_positions, use_cache=True,
-                        **{cache_name: getattr(out, cache_name)})
+                        **{cache_name: cache})
         wall = time.perf_counter() - start
     return [Generation(r.tokens, tokenizer.decode(r.tokens), passes.count, wall, {
         "thinking_tokens": r.thinking,

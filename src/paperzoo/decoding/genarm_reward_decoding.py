@@ -70,9 +70,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, get_cosine_schedule_with_warmup
+from transformers import LogitsProcessor, LogitsProcessorList, get_cosine_schedule_with_warmup
 
-from paperzoo.core.sampling import check_positions, encode_left_padded
+from paperzoo.core.sampling import GrowingCache, check_positions, encode_left_padded
 from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prompt_ids
 
 # The official ARM recipe (Yuancheng-Xu/GenARM, training_trl/): LoRA and optimiser settings, beta for HH-RLHF.
@@ -234,7 +234,7 @@ class GenARMLogitsProcessor(LogitsProcessor):
             raise ValueError(f"alpha = beta_r / beta must be non-negative, not {alpha}")
         self.arm, self.alpha = arm, alpha
         self.mask = attention_mask.long()
-        self.cache: DynamicCache | None = None
+        self.cache: GrowingCache | None = None
         self.seen = 0  # tokens of the sequence the ARM's cache holds
 
     @torch.no_grad()
@@ -245,13 +245,13 @@ class GenARMLogitsProcessor(LogitsProcessor):
         mask = torch.cat([self.mask, self.mask.new_ones(B, L - self.mask.shape[1])], 1)  # [B, L]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.cache is None:
-            self.cache = DynamicCache()
+            self.cache = GrowingCache()
             new = slice(0, L)
         else:
             if L != self.seen + 1:
                 raise ValueError(f"GenARM's cache holds {self.seen} tokens but the sequence has {L}")
             new = slice(L - 1, L)
-        # transformers 5 renamed `past_key_values` to `cache`; the DynamicCache is updated in place
+        # transformers 5 renamed `past_key_values` to `cache`; the cache is updated in place
         name = "cache" if "cache" in inspect.signature(self.arm.forward).parameters else "past_key_values"
         out = self.arm(input_ids=input_ids[:, new], attention_mask=mask, position_ids=positions[:, new],
                        use_cache=True, **{name: self.cache})

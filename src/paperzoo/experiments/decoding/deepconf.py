@@ -6,21 +6,25 @@ compare, at the same number of traces, plain majority voting with offline DeepCo
 same traces; then run online DeepConf (warm-up, confidence bar, early stop, consensus
 stop) with the same budget B and count the tokens it really generates.
 
-Scaled-down settings, fixed before running: B = 128 traces instead of 512 (the
-official online script uses 256), 8 warm-up traces: the official script's share of
-the budget (16 of 256, 6.25%), k = 20, tau = 0.95, and a window and tail of 8 tokens
+Scaled-down settings, fixed before running: B = 64 traces instead of 512 (the
+official online script uses 256), 4 warm-up traces: the official script's share of
+the budget (16 of 256, 6.25%), k = 20, tau = 0.95, and a window and tail of 32 tokens
 instead of 2048. The paper's traces run to ~10-15k tokens, so its window is about a
-sixth of a trace; ours run to ~20-60 characters (one scratchpad line is 9-11), so 8
-tokens is a similar fraction and a little under one line. Sampling at temperature 1
-(the model's own distribution; the paper's GPT-OSS setting). Online traces are drawn
-four at a time per problem (consensus is tested after each draw of four rather than
-after every trace) to batch the CPU work; the official script draws all of them at
-once and has no consensus stop at all.
+sixth of a trace; the v2 reasoner's traces on these tiers run to ~170 tokens on
+average (one column-work line is 30-60), so 32 tokens is a similar fraction and under
+one line. Sampling at temperature 1 (the model's own distribution; the paper's
+GPT-OSS setting). Online traces are drawn four at a time per problem (consensus is
+tested after each draw of four rather than after every trace) to batch the CPU work;
+the official script draws all of them at once and has no consensus stop at all.
 
 Set-up hyper-parameters: B, the warm-up share, k and tau are the paper's or its
 official code's (B scaled down for CPU time); the window follows the trace length;
-the number of problems (64) is set by CPU time. None was chosen by looking at any
-DeepConf arm's accuracy.
+the number of problems (40) is set by CPU time. Problems come from the ladder tiers on
+which the reasoner's own sampled accuracy (pass@1 at temperature 1, read from its card
+before anything runs) lies in [0.1, 0.9], the same rule as BoN-aware fine-tuning: on
+the easiest tier every vote is right and nothing can be compared. None was chosen by
+looking at any DeepConf arm's accuracy. (The version-1 run drew problems from every
+tier, with B = 128, 8 warm-up traces and a window of 8 for its 20-60-character traces.)
 
 Preconditions (what the claim needs from the reasoner): its token confidence
 separates right from wrong traces of the same problem at all (mean per-problem AUROC
@@ -59,7 +63,7 @@ import numpy as np
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer
-from paperzoo.core.reasoner import problems, reasoner
+from paperzoo.core.reasoner import problems, reasoner, tiers_between
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.deepconf import (
     METRICS,
@@ -121,8 +125,8 @@ CLAIM = Claim(
         "that either DeepConf-low or DeepConf-high should outperform self-consistency)."
     ),
     predicate=(
-        "On the small reasoner, held-out problems, B = 128 traces per question (8 warm-up: the official 16 of "
-        "256; window and tail 8 tokens, k = 20, tau = 0.95), paired by problem with a 95% bootstrap interval "
+        "On the small reasoner, held-out problems of the tiers where its pass@1 is in [0.1, 0.9], B = 64 traces "
+        "per question (4 warm-up: the official 16 of 256; window and tail 32 tokens, k = 20, tau = 0.95), paired by problem with a 95% bootstrap interval "
         "over problems: (1) offline DeepConf-low or DeepConf-high (top 10% / 90% by lowest group confidence, "
         "weighted vote) is more accurate than majority voting over the same B traces; (2) online DeepConf-low "
         "or DeepConf-high is more accurate than majority voting at B traces; (3) online DeepConf-low "
@@ -144,9 +148,11 @@ SEED_VARIES = ("which held-out problems are drawn and the random streams of ever
 
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 4, "traces": 16, "warmup": 1, "window": 4, "tail": 4, "top_k": 20,
-              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 40, "parallel": 4, "batch_size": 64},
-    "small": {"reasoner": "small", "problems": 64, "traces": 128, "warmup": 8, "window": 8, "tail": 8, "top_k": 20,
-              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 640, "parallel": 4, "batch_size": 256},
+              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 40, "parallel": 4, "batch_size": 64,
+              "pass@1_range": [0.1, 0.9]},
+    "small": {"reasoner": "small", "problems": 40, "traces": 64, "warmup": 4, "window": 32, "tail": 32, "top_k": 20,
+              "tau": 0.95, "temperature": 1.0, "max_new_tokens": 640, "parallel": 4, "batch_size": 256,
+              "pass@1_range": [0.1, 0.9]},
 }
 
 
@@ -176,7 +182,8 @@ def run(ctx: RunContext) -> Outcome:
         raise ExperimentError("deepconf runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     model, tok = r.model, r.tokenizer
-    qs = problems(s["problems"], "test", seed=ctx.seed)
+    tiers = tiers_between(r, *s["pass@1_range"])
+    qs = problems(s["problems"], "test", seed=ctx.seed, tiers=tiers)
     prompts = [q.prompt for q in qs]
     B, W, tail = s["traces"], s["window"], s["tail"]
 
@@ -248,6 +255,7 @@ def run(ctx: RunContext) -> Outcome:
     metrics = {
         "model": r.name,
         "problems": len(qs),
+        "tiers": tiers,
         "greedy_accuracy": float(np.mean(correct([extract_answer(g.text) for g in greedy]))),
         "trace_accuracy": float(np.mean(right)),
         "trace_tokens": float(np.mean([t.num_tokens for t in flat])),

@@ -41,6 +41,12 @@ wholly below zero.
 Set-up hyper-parameters: every ARM training setting is the official recipe's; only the
 amount of data is ours. The number of pairs (training problems x samples, pairs per
 problem) is set by CPU time for sampling them; alpha = 1 is the README's default.
+Problems, for the pairs and for evaluation, come from the ladder tiers on which the
+reasoner's own sampled accuracy (pass@1 at temperature 1, from its card) lies in
+[0.1, 0.9], the rule BoN-aware fine-tuning and DeepConf use: a problem gives pairs only
+when some samples are right and some wrong, and an evaluation needs room above the base.
+For the v2 reasoner's longer traces the sizes were cut for CPU time: 384 training
+problems (was 1,024, every tier) and 48 test problems (was 64).
 Nothing was tuned, on the checks or otherwise; whether the resulting ARM is good
 enough is the precondition's to say.
 
@@ -67,7 +73,7 @@ import numpy as np
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, clearly_greater, decided, paired_difference
 from paperzoo.core.reasoning import is_correct
-from paperzoo.core.reasoner import problems, reasoner
+from paperzoo.core.reasoner import problems, reasoner, tiers_between
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.genarm_reward_decoding import (
     PAPER_BATCH,
@@ -176,9 +182,10 @@ _ARM = {"beta_r": PAPER_BETA_R, "lora_rank": PAPER_LORA_RANK, "lora_alpha": PAPE
         "arm_batch": PAPER_BATCH, "arm_epochs": PAPER_EPOCHS, "alpha": 1.0}
 SCALES = {
     "smoke": {"reasoner": "smoke", "train_problems": 8, "pair_samples": 4, "pairs_per_problem": 4, **_ARM,
-              "arm_batch": 4, "test_problems": 4, "samples": 2, "best_of": 4, "max_new_tokens": 40},
-    "small": {"reasoner": "small", "train_problems": 1024, "pair_samples": 8, "pairs_per_problem": 8, **_ARM,
-              "test_problems": 64, "samples": 4, "best_of": 16, "max_new_tokens": 640},
+              "arm_batch": 4, "test_problems": 4, "samples": 2, "best_of": 4, "max_new_tokens": 40,
+              "pass@1_range": [0.1, 0.9]},
+    "small": {"reasoner": "small", "train_problems": 384, "pair_samples": 8, "pairs_per_problem": 8, **_ARM,
+              "test_problems": 48, "samples": 4, "best_of": 16, "max_new_tokens": 640, "pass@1_range": [0.1, 0.9]},
 }
 
 
@@ -210,7 +217,8 @@ def run(ctx: RunContext) -> Outcome:
     T = s["max_new_tokens"]
 
     # (a) preference pairs on training problems, and the ARM trained on them as the official code does
-    train_qs = problems(s["train_problems"], "train", seed=ctx.seed + 100)
+    tiers = tiers_between(r, *s["pass@1_range"])
+    train_qs = problems(s["train_problems"], "train", seed=ctx.seed + 100, tiers=tiers)
     pairs, pair_pool_accuracy = preference_pairs(base, tok, train_qs, s["pair_samples"], s["pairs_per_problem"],
                                                  T, ctx.seed)
     pairs_source = "reasoner samples"
@@ -226,7 +234,7 @@ def run(ctx: RunContext) -> Outcome:
     arm = arm.merge_and_unload()  # a plain causal LM again: the adapter folded into its weights
 
     # (b) held-out problems: base samples (also the best-of-N pool), GenARM, and the control
-    qs = problems(s["test_problems"], "test", seed=ctx.seed)
+    qs = problems(s["test_problems"], "test", seed=ctx.seed, tiers=tiers)
     K, N = s["samples"], s["best_of"]
     start = time.perf_counter()
     pool = sample(base, tok, [q.prompt for q in qs], num_samples=N, max_new_tokens=T, seed=ctx.seed + 1,
@@ -271,6 +279,7 @@ def run(ctx: RunContext) -> Outcome:
     held_out_base = pairwise_accuracy(base_rewards, pool_right)
     metrics = {
         "model": r.name,
+        "tiers": tiers,
         "pairs": len(pairs),
         "pairs_source": pairs_source,
         "pair_problems": len({p[0] for p in pairs}),

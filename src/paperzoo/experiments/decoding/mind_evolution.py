@@ -1,12 +1,14 @@
 r"""Reproduction of 2501.09891: evolutionary search beats best-of-N and sequential revision at equal budget.
 
-The task is the reasoner's own linear equations (``7x+12=61``), whose solutions the
-reasoner writes as two scratchpad lines and an answer (``7x=61-12=49``,
-``x=49/7=7``, ``Answer: 7``). The programmatic checker plays the role of the paper's
+The task is the reasoner's hardest equations (``9x-349=7319-708+402``), whose solutions the
+reasoner writes as one scratchpad line per operation and an answer (``7319-708: ... so 6611``,
+``6611+402: ... so 7013``, ``9x=7013+349: ... so 7362``, ``x=7362/9: ... so 818``,
+``Answer: 818``). The programmatic checker plays the role of the paper's
 TravelPlanner evaluator: it checks *constraints* of a proposed solution, never
-compares it with an answer key: line 1 must restate the equation and do its
-subtraction (or addition) right, line 2 must divide line 1's value by the
-coefficient right, and the answer must satisfy the equation (residual
+compares it with an answer key: each line of the right side's chain must do its
+operation right on the previous line's value, the next must restate the equation with
+that value and undo the constant right, the last must divide by the coefficient right,
+and the answer must satisfy the equation (residual
 $r = a\hat x \pm b - c$). Fitness = (number of verified lines, in order)
 $- \log(1 + |r|)$ (a missing answer costs 10); the feedback names the first broken
 constraint and says whether the answer is too high or too low, and by how much.
@@ -45,8 +47,10 @@ Other settings, fixed before the first run (paper in brackets): 3 generations [1
 [4], 2 conversations per island [5], 2 turns per conversation [4], reset every 2 generations [3]
 of 1 island [2], reseeded with the top 2 [5 of 15], up to 2 parents [5], Pr(no parents) = 1/6
 [1/6], 2 emigrants [5]. Sequential revision runs 4 threads [10 threads of 80 turns]. Sampling at
-temperature 1, up to 160 new tokens (a terse two-step solution with its column work is about 90).
-Problems: 64 held-out two-step equations of the reasoner's ladder (``7x+25=683``, its tier 2) for
+temperature 1, up to 448 new tokens (a terse solution with its column work is about 230 characters;
+the model's 768 positions leave 448 after the longest rendered prompt).
+Problems: 64 held-out equations of the reasoner's hardest tier (tier 3; until the run at commit 5a3cc1c,
+tier 2, ``7x+25=683``, on which best-of-N was at its ceiling at the smallest budget in every seed) for
 evaluation and 32 others for calibration. Since issue 10 the reasoner is version 2, which writes each
 step's column work (``7x=683-25: ... so 658``); the checker reads the claimed result of each step, the
 last attempt when a ``Wait`` re-check redid it.
@@ -85,11 +89,13 @@ from paperzoo.decoding.mind_evolution import (
 )
 
 METHODS = ("best-of-n", "sequential-revision", "mind-evolution")
-EQUATION_TIER = next(i for i, t in enumerate(TIERS) if t.kind == "equation")  # the ladder's two-step equations
-_QUESTION = re.compile(r"^(\d+)x([+-])(\d+)=(-?\d+)$")
-# The reasoner's two work lines, ``7x=683-25: <columns> so 658`` and ``x=658/7: <columns> so 94``; searched
-# anywhere in a line, so the redone step after a ``Wait, ...`` re-check is read too, and only the claimed result
-# (after ``so``) is checked.
+EQUATION_TIER = len(TIERS) - 1  # the ladder's hardest tier: ``9x-349=7319-708+402``, a chain on the right side
+_QUESTION = re.compile(r"^(\d+)x([+-])(\d+)=(\d+(?:[+-]\d+)*)$")
+# The reasoner's work lines: one per operation of the right side's chain (``7319-708: <columns> so 6611``),
+# then ``9x=7013+349: <columns> so 7362`` and ``x=7362/9: <columns> so 818``. Each is searched anywhere in a
+# line, so the redone step after a ``Wait, ...`` re-check is read too, and only the claimed result (after
+# ``so``) is checked.
+_CHAIN = re.compile(r"(?<![\dx=])(\d+)([+-])(\d+): .* so (-?\d+)$")
 _LINE1 = re.compile(r"(?<![\dx=])(\d+)x=(-?\d+)([+-])(\d+): .* so (-?\d+)$")
 _LINE2 = re.compile(r"(?<![\dx=])x=(-?\d+)/(\d+): .* so (-?\d+)$")
 NO_ANSWER_PENALTY = 10.0
@@ -103,44 +109,68 @@ class Check:
     verified: tuple[str, ...]  # the scratchpad lines before the first broken constraint
 
 
+def _check_chain(terms: list[str], lines: list[str], verified: list, notes: list) -> int | None:
+    """Verify the right side's chain, one line per operation; its value, or None at the first broken step."""
+    value = int(terms[0])
+    for term in terms[1:]:
+        op, t = term[0], int(term[1:])
+        result = value + t if op == "+" else value - t
+        attempts = [m for line in lines if (m := _CHAIN.search(line.strip())) and (int(m[1]), m[2], int(m[3])) ==
+                    (value, op, t)]
+        if not attempts:
+            notes.append(f"the right side's next step should read {value}{op}{t}: ... so <value>")
+            return None
+        if int(attempts[-1][4]) != result:  # the last attempt counts (after any re-check)
+            notes.append(f"{value}{op}{t} is not {attempts[-1][4]}")
+            return None
+        verified.append(attempts[-1][0])
+        value = result
+    return value
+
+
 def check_linear_solution(problem: Problem, solution: str) -> Check:
     """The constraint checker: verified lines, residual of the answer, textual feedback."""
     q = _QUESTION.match(problem.question)
     if q is None:
         raise ValueError(f"not a linear equation: {problem.question!r}")
-    a, sign, b, c = int(q[1]), q[2], int(q[3]), int(q[4])
+    a, sign, b = int(q[1]), q[2], int(q[3])
+    terms = re.findall(r"[+-]?\d+", q[4])
     inverse = "-" if sign == "+" else "+"
     lines = solution.split(END_THINK)[0].split("\n")
     verified, notes = [], []
+    c = _check_chain(terms, lines, verified, notes)
     firsts = [m for line in lines if (m := _LINE1.search(line.strip()))]
     seconds = [m for line in lines if (m := _LINE2.search(line.strip()))]
     first = firsts[-1] if firsts else None  # the last attempt at each step (after any re-check) is the one that counts
-    if first is None:
-        notes.append(f"step 1 should read {a}x={c}{inverse}{b}: ... so <value>")
+    if c is None:
+        pass
+    elif first is None:
+        notes.append(f"the next step should read {a}x={c}{inverse}{b}: ... so <value>")
     elif (int(first[1]), int(first[2]), first[3], int(first[4])) != (a, c, inverse, b):
-        notes.append(f"step 1 does not restate the equation as {a}x={c}{inverse}{b}")
+        notes.append(f"the next step does not restate the equation as {a}x={c}{inverse}{b}")
     elif int(first[5]) != (c - b if inverse == "-" else c + b):
-        notes.append(f"step 1: {c}{inverse}{b} is not {first[5]}")
+        notes.append(f"{c}{inverse}{b} is not {first[5]}")
     else:
         verified.append(first[0])
         second = seconds[-1] if seconds else None
         v = int(first[5])
         if second is None:
-            notes.append(f"step 2 should read x={v}/{a}: ... so <value>")
+            notes.append(f"the last step should read x={v}/{a}: ... so <value>")
         elif (int(second[1]), int(second[2])) != (v, a):
-            notes.append(f"step 2 should divide {v} by {a}")
+            notes.append(f"the last step should divide {v} by {a}")
         elif int(second[3]) * a != v:
-            notes.append(f"step 2: {v}/{a} is not {second[3]}")
+            notes.append(f"{v}/{a} is not {second[3]}")
         else:
             verified.append(second[0])
     x = extract_answer(solution)
     if x is None:
         return Check(len(verified) - NO_ANSWER_PENALTY, "; ".join(notes + ["no answer"]), False, tuple(verified))
-    r = a * x + (b if sign == "+" else -b) - c
+    right = sum(int(t) for t in terms)
+    r = a * x + (b if sign == "+" else -b) - right
     if r == 0:
         notes.append(f"x={x} satisfies the equation")
     else:
-        notes.append(f"x={x} gives {a}x{sign}{b}={c + r}, too {'high' if r > 0 else 'low'} by {abs(r)}")
+        notes.append(f"x={x} gives {a}x{sign}{b}={right + r}, too {'high' if r > 0 else 'low'} by {abs(r)}")
     return Check(len(verified) - math.log1p(abs(r)), "; ".join(notes), r == 0, tuple(verified))
 
 
@@ -223,7 +253,7 @@ CLAIM = Claim(
         "revision, with 5.6% for a single pass."
     ),
     predicate=(
-        "On 64 held-out two-step linear equations with the small reasoner as the LLM and a constraint "
+        "On 64 held-out linear equations with a chain on the right side (the reasoner's hardest tier), with the small reasoner as the LLM and a constraint "
         "checker as the evaluator, every method spending exactly the same budget of evaluations per problem, the "
         "budget chosen before the run from best-of-N's curve on 32 other equations (the largest at which it "
         "solves at most 60%): (1) Mind Evolution's success rate is at least 10 points above best-of-N's (the "
@@ -253,7 +283,7 @@ SCALES = {
               "config": {**_SMALL_CONFIG, "n_gens": 2}, "temperature": 1.0, "max_new_tokens": 24},
     "small": {"reasoner": "small", "problems": 64, "calibration_problems": 32,
               "budget_grid": [6, 8, 12, 16, 24], "baseline_ceiling": 0.6, "threads": 4,
-              "config": _SMALL_CONFIG, "temperature": 1.0, "max_new_tokens": 160},
+              "config": _SMALL_CONFIG, "temperature": 1.0, "max_new_tokens": 448},
 }
 
 
