@@ -342,7 +342,8 @@ app.add_typer(substrate_app, name="substrate")
 def _card_summary(card: dict | None) -> str:
     if card is None:
         return ""
-    parts = [f"{card['parameters'] / 1e6:.2f}M params", f"trained {card['train_seconds']:.0f} s"]
+    parts = ([f"{card['parameters'] / 1e6:.2f}M params"] if "parameters" in card else []) + \
+        [f"trained {card['train_seconds']:.0f} s"]
     val = card.get("validation", {})
     if "perplexity" in val:
         parts.append(f"val ppl {val['perplexity']:.3g}")
@@ -385,7 +386,7 @@ def substrate(ctx: typer.Context,
 
 
 @substrate_app.command("build")
-def substrate_build(name: str = typer.Argument(..., metavar="NAME", help="base-lm, reasoner, draft or moe-lm."),
+def substrate_build(name: str = typer.Argument(..., metavar="NAME", help="base-lm, reasoner, draft, reasoner-controls or moe-lm."),
                     scale: str = typer.Option("small", help="smoke, small or large."),
                     force: bool = typer.Option(False, help="Build a scale this machine looks too small for.")):
     """Build one shared model (with a progress bar), or find it cached, and print its card."""

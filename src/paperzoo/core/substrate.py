@@ -36,6 +36,12 @@ def _draft(scale: str) -> None:
     draft_reasoner(scale)
 
 
+def _reasoner_controls(scale: str) -> None:
+    from paperzoo.core.reasoner_controls import reasoner_controls
+
+    reasoner_controls(scale)
+
+
 def _moe_lm(scale: str) -> None:
     from paperzoo.experiments.compression.lynx_expert_selection import moe_lm
 
@@ -43,15 +49,16 @@ def _moe_lm(scale: str) -> None:
 
 
 BUILDERS: dict[str, Callable[[str], None]] = {"base-lm": _base_lm, "reasoner": _reasoner, "draft": _draft,
-                                              "moe-lm": _moe_lm}
+                                              "reasoner-controls": _reasoner_controls, "moe-lm": _moe_lm}
 DESCRIPTIONS = {
     "base-lm": "tiny Llama LM on the embedded corpus (compression papers, SIFT, MTP prose)",
     "reasoner": "tiny reasoner on the arithmetic ladder, with reflective and verbose traces (decoding papers)",
     "draft": "the reasoner's draft for speculative decoding, same tokenizer and data",
+    "reasoner-controls": "a plain SFT and a short RLOO+LoRA run of the reasoner, measured against it (no model kept)",
     "moe-lm": "tiny mixture-of-experts LM on the base LM's tokenizer and corpus (Lynx)",
 }
 SCALES = {"base-lm": ("smoke", "small", "large"), "reasoner": ("smoke", "small", "large"),
-          "draft": ("smoke", "small", "large"), "moe-lm": ("smoke", "small")}
+          "draft": ("smoke", "small", "large"), "reasoner-controls": ("smoke", "small"), "moe-lm": ("smoke", "small")}
 
 
 def _check(name: str, scale: str) -> None:
@@ -71,6 +78,14 @@ def build(names: Iterable[str], scale: str) -> None:
 def card(name: str, scale: str) -> dict | None:
     """The card of the cached `name` at `scale` (None when it is not cached); never trains."""
     _check(name, scale)
+    if name == "reasoner-controls":
+        from paperzoo.core.reasoner_controls import controls_card, reasoner_controls
+
+        with store.lookup_only():
+            try:
+                return controls_card(reasoner_controls(scale))
+            except store.NotCached:
+                return None
     with store.lookup_only(), substrate_used() as log:
         try:
             BUILDERS[name](scale)
