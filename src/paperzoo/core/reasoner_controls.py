@@ -93,7 +93,7 @@ def rloo_step(model, optimizer, tokenizer, problems, k: int, max_new_tokens: int
     loss.backward()
     optimizer.step()
     model.eval()
-    return {"reward": float(rewards.mean()), "loss": float(loss)}
+    return {"reward": rewards.mean().item(), "loss": loss.item()}
 
 
 def accuracy(model, tokenizer, problems, samples: int, max_new_tokens: int, seed: int) -> dict:

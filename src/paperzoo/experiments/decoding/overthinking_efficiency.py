@@ -32,6 +32,11 @@ How the set-up's hyper-parameters were chosen (from the control only):
 - beta = 2 and gamma = 1 follow SimPO's recommended ratio gamma/beta = 0.5; 10 samples
   per problem at temperature 1 are the paper's; steps and batch were fixed before the
   first run.
+- Up to 640 new tokens. The first v2 run (commit 53758bd) allowed 320: the overthinking
+  model's four rounds of a two-operation problem (tier 1, about 100 characters a round)
+  do not fit in 320, so half its answers were cut off before ``</think>`` and it kept
+  0.50-0.56 of the base's 0.98-0.99 accuracy, failing the first precondition in every
+  seed. The budget was raised on that precondition alone.
 
 Preconditions (any not met: verdict inconclusive):
 
@@ -188,7 +193,7 @@ SCALES = {
               "overthink_train": {"steps": 150, "batch_size": 16, "seq_len": 256, "lr": 1e-3, "warmup_steps": 10},
               "pair_problems": 128, "samples_per_problem": 10, "simpo_steps": 40, "simpo_batch": 8,
               "lr_grid": [1e-4, 3e-5, 1e-5], "beta": 2.0, "gamma": 1.0, "test_problems": 96,
-              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 320, "tiers": [0, 1]},
+              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 640, "tiers": [0, 1]},
 }
 
 
