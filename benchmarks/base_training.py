@@ -8,24 +8,11 @@ Run: python benchmarks/base_training.py [--steps 12]
 """
 
 import argparse
-import time
-
 import torch
 
+from paperzoo.core.base_card import flops_per_token, matmul_peak_flops
 from paperzoo.core.models import BASE_MODELS
 from paperzoo.core.training import TrainConfig, bf16_autocast_available, train
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def main(steps: int) -> None:
@@ -39,12 +26,11 @@ def main(steps: int) -> None:
     history = train(model, blocks, TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr),
                     desc="timed steps")
     n_params = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
-    m = spec.model
-    flops_per_token = 6 * n_params + 12 * m.num_layers * m.hidden_size * cfg.seq_len
+    per_token = flops_per_token(model, cfg.seq_len)
     peak = matmul_peak_flops()
-    achieved = history["tokens_per_second"] * flops_per_token
+    achieved = history["tokens_per_second"] * per_token
     print(f"bf16 autocast: {bf16_autocast_available(torch.device('cpu'))}, threads: {torch.get_num_threads()}")
-    print(f"small base LM: {n_params / 1e6:.2f}M parameters outside the input embedding, {flops_per_token / 1e6:.1f} MFLOP/token")
+    print(f"small base LM: {n_params / 1e6:.2f}M parameters outside the input embedding, {per_token / 1e6:.1f} MFLOP/token")
     print(f"training throughput: {history['tokens_per_second']:.0f} tokens/s")
     print(f"bf16 matmul peak (2048^3, measured now): {peak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs utilisation: {achieved / peak:.1%}")

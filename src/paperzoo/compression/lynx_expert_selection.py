@@ -517,7 +517,10 @@ def trained_tiny_moe(lm, config: TinyMoEConfig, train_config, seed: int = 0, nam
                         desc=f"training the tiny MoE LM {name} (cached afterwards)", seed=seed)
         record = {"config": asdict(config), "train": asdict(train_config), "seed": seed, "corpus": lm.corpus.name,
                   "train_seconds": time.perf_counter() - start,
-                  "card": {"architecture": f"Mixtral-style MoE, {config.num_experts} experts, top-{config.top_k}"},
+                  "card": {"architecture": f"Mixtral-style MoE, {config.num_experts} experts, top-{config.top_k}",
+                           "validation_curve": [{"step": v["step"], "perplexity": round(v["perplexity"], 2)}
+                                                for v in history["val"]],
+                           "tokens_per_second": round(history["tokens_per_second"])},
                   **history}
         save_trained(tmp, model, tokenizer, record)
 
