@@ -136,7 +136,10 @@ def test_checks_and_precondition_by_hand():
     assert list(checks(m).values())[1] is None  # equal within noise: undecided, not passed
     m = _metrics(0.10, 0.05, 0.08, 0.06, nn_redundant=0.1)
     assert list(checks(m).values())[2] is False
-    assert list(preconditions(_metrics(0.1, 0.05, 0.08, 0.06, oracle=-0.01)).values()) == [False]
+    assert list(preconditions(_metrics(0.1, 0.05, 0.08, 0.06, oracle=-0.01)).values()) == [False, True]
+    # both selectors harm on the clean pool: the checks would compare two harms
+    assert list(preconditions(_metrics(0.1, 0.05, -0.18, -0.12)).values()) == [True, False]
+    assert list(preconditions(_metrics(0.1, 0.05, 0.02, -0.12)).values()) == [True, True]  # SIFT alone helps
 
 
 def test_learning_rate_is_chosen_on_the_oracle_control():

@@ -22,8 +22,15 @@ How the set-up's hyper-parameters were chosen:
 - lambda' = 0.01 is the official default; embeddings are the LM's unit-normalised mean-pooled
   last-layer states; K = 8 and 20 prompts were fixed before the first run.
 
-Precondition (not met: verdict inconclusive): at the chosen step size, the oracle control lowers the
-test prompts' bits per byte, with the bootstrap interval over prompts above zero.
+Preconditions (not met: verdict inconclusive): at the chosen step size, (1) the oracle control lowers
+the test prompts' bits per byte, and (2) fine-tuning on retrieved neighbours helps at all: on the clean
+pool SIFT's or NN's reduction has its bootstrap interval over prompts above zero. Both intervals are
+over prompts.
+
+Precondition (2) was added after the sweep on base LM v2 (commit 7d4f72c): there the oracle lowered
+the prompts' bits per byte but SIFT and NN both raised it in every seed (clean pool: -0.17 to -0.19
+and -0.12 to -0.15 bits per byte), and the shipped verdict `not-reproduced` compared two harms, the
+very thing the oracle precondition was meant to rule out (issue 9). The checks are unchanged.
 
 Earlier predicate (the first version, lr 2e-4 fixed; verdict `not-reproduced`, seed 0, small: no
 selector ever lowered the prompt's bits per byte; SIFT did far less harm than NN on the duplicated pool,
@@ -59,9 +66,13 @@ POOLS = ("clean", "duplicated")
 
 def preconditions(m: dict) -> dict[str, bool | None]:
     oracle = bootstrap_mean(m["oracle_per_prompt"])
+    clean = m["final_per_prompt"]["clean"]
     return {
         "fine-tuning on the prompt's own text (oracle neighbour, at the chosen step size) lowers its bits per byte "
         "(bootstrap interval over prompts above zero)": oracle.low > 0,
+        "fine-tuning on retrieved neighbours helps at all: on the clean pool SIFT or NN lowers the prompt's bits "
+        "per byte (bootstrap interval over prompts above zero)":
+            any(bootstrap_mean(clean[sel]).low > 0 for sel in ("sift", "nn")),
     }
 
 
