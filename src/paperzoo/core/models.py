@@ -151,7 +151,8 @@ def save_trained(directory: Path, model, tokenizer, record: dict) -> None:
     """A model paperzoo trained, its tokenizer, and the record of how (for a cache entry)."""
     hf_logging.disable_progress_bar()
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if tokenizer is not None:  # task models read token ids directly
+        tokenizer.save_pretrained(directory)
     (directory / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
 
 

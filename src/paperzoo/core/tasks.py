@@ -1,0 +1,356 @@
+"""Synthetic tasks for learning-phenomena papers: token sequences in their own vocabularies.
+
+The reasoner (`paperzoo.core.reasoning`) writes text through a character tokenizer; the
+phenomena papers instead train tiny models on token ids of a task's own vocabulary and
+score only the positions that carry an answer. A task here is a frozen dataclass with
+
+- ``vocab_size`` and ``length`` (tokens per example),
+- ``sample(n, seed) -> TaskBatch``: ``tokens [n, length]``, a ``scored`` mask of the
+  positions whose token is an answer the model must predict from the prefix, and the same
+  draw for the same seed on every machine (a `torch.Generator`, never global state),
+- the exact checker `TaskBatch.correct(predictions)`: a row is right when every scored
+  position is.
+
+`train_on_task` trains a tiny HF Llama on fresh samples with the loss on scored positions
+only and caches the result by a hash of everything that fixes the weights.
+
+Tasks so far:
+
+- `QueryCount` and `MostFrequent` (When Can Transformers Count to n?, 2407.15160):
+  n tokens from a vocabulary of m, then the answer: how often the last token occurs, or
+  which token occurs most often.
+- `GroupWordProblem` (The Illusion of State, 2404.08819): a word of group elements and,
+  at every position, the product of the prefix so far; groups S5, A5, A4 x Z5 and Z60 by
+  their multiplication tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from paperzoo.core import store
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    tokens: torch.Tensor  # [n, T] token ids
+    scored: torch.Tensor  # [n, T] bool: positions whose token is an answer predicted from the prefix
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """HF causal-LM labels: the tokens at scored positions, -100 elsewhere (the model shifts them)."""
+        return self.tokens.masked_fill(~self.scored, -100)
+
+    def correct(self, predictions: torch.Tensor) -> torch.Tensor:
+        """[n] bool: the row's every scored token equals `predictions` there ([n, T], aligned with `tokens`)."""
+        wrong = (predictions != self.tokens) & self.scored
+        return ~wrong.any(dim=1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting (2407.15160)
+
+
+@dataclass(frozen=True)
+class QueryCount:
+    """BOS, x_1 .. x_n from a vocabulary of m, then the answer token ``m + c``: c = #{i : x_i = x_n}.
+
+    Token ids: 0..m-1 the vocabulary, m + c for the count c in 1..n, and BOS = m + n + 1
+    (the attention sink the paper's CountAttend construction reads 1/(c+1) from). The
+    last input token is the query, so c >= 1. The paper's QC task.
+    """
+
+    m: int
+    n: int
+
+    @property
+    def bos(self) -> int:
+        return self.m + self.n + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.m + self.n + 2
+
+    @property
+    def length(self) -> int:
+        return self.n + 2
+
+    def answer_token(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m + (x == x[:, -1:]).sum(dim=1)
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        x = torch.randint(0, self.m, (n, self.n), generator=_generator(seed))
+        tokens = torch.cat([torch.full((n, 1), self.bos), x, self.answer_token(x)[:, None]], dim=1)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, -1] = True
+        return TaskBatch(tokens, scored)
+
+
+@dataclass(frozen=True)
+class MostFrequent:
+    """BOS, x_1 .. x_n from a vocabulary of m with one most frequent token, then that token (the paper's MFE).
+
+    Rows with a tie for the most frequent token are redrawn, so the answer is unique. BOS = m.
+    """
+
+    m: int
+    n: int
+
+    @property
+    def bos(self) -> int:
+        return self.m
+
+    @property
+    def vocab_size(self) -> int:
+        return self.m + 1
+
+    @property
+    def length(self) -> int:
+        return self.n + 2
+
+    @staticmethod
+    def counts(x: torch.Tensor, m: int) -> torch.Tensor:
+        return torch.zeros(len(x), m, dtype=torch.long).scatter_add_(1, x, torch.ones_like(x))
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        g = _generator(seed)
+        rows = []
+        while sum(len(r) for r in rows) < n:
+            x = torch.randint(0, self.m, (2 * n, self.n), generator=g)
+            top2 = self.counts(x, self.m).topk(2, dim=1).values
+            rows.append(x[top2[:, 0] > top2[:, 1]])
+        x = torch.cat(rows)[:n]
+        answer = self.counts(x, self.m).argmax(dim=1)
+        tokens = torch.cat([torch.full((n, 1), self.bos), x, answer[:, None]], dim=1)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, -1] = True
+        return TaskBatch(tokens, scored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite groups and word problems (2404.08819)
+
+
+def _compose(p: tuple[int, ...], q: tuple[int, ...]) -> tuple[int, ...]:
+    """p o q, the permutation i -> p(q(i)): q acts first (sympy writes this ``q * p``)."""
+    return tuple(p[i] for i in q)
+
+
+def _parity(p: tuple[int, ...]) -> int:
+    seen, parity = set(), 0
+    for i in range(len(p)):
+        j, length = i, 0
+        while j not in seen:
+            seen.add(j)
+            j, length = p[j], length + 1
+        if length:
+            parity ^= (length - 1) & 1
+    return parity
+
+
+@dataclass(frozen=True)
+class Group:
+    """A finite group by its elements (index 0 is the identity) and multiplication table."""
+
+    name: str
+    table: tuple[tuple[int, ...], ...]  # table[a][b] = index of a * b
+
+    @property
+    def order(self) -> int:
+        return len(self.table)
+
+    def product(self, a: int, b: int) -> int:
+        return self.table[a][b]
+
+    @cached_property
+    def table_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.table, dtype=torch.long)
+
+    @property
+    def abelian(self) -> bool:
+        return all(self.table[a][b] == self.table[b][a] for a in range(self.order) for b in range(self.order))
+
+
+def _permutation_group(name: str, elements: list[tuple[int, ...]]) -> Group:
+    index = {p: i for i, p in enumerate(elements)}
+    return Group(name, tuple(tuple(index[_compose(p, q)] for q in elements) for p in elements))
+
+
+def symmetric_group(k: int = 5) -> Group:
+    """S_k: permutations of k points, identity first; a * b applies b, then a."""
+    elements = sorted(itertools.permutations(range(k)))
+    return _permutation_group(f"S{k}", elements)
+
+
+def alternating_group(k: int = 5) -> Group:
+    """A_k: the even permutations of k points."""
+    elements = [p for p in sorted(itertools.permutations(range(k))) if _parity(p) == 0]
+    return _permutation_group(f"A{k}", elements)
+
+
+def cyclic_group(k: int) -> Group:
+    return Group(f"Z{k}", tuple(tuple((a + b) % k for b in range(k)) for a in range(k)))
+
+
+def direct_product(g: Group, h: Group) -> Group:
+    """g x h with elements (a, b) indexed a * |h| + b, multiplied componentwise."""
+    table = tuple(tuple(g.product(a1, a2) * h.order + h.product(b1, b2)
+                        for a2 in range(g.order) for b2 in range(h.order))
+                  for a1 in range(g.order) for b1 in range(h.order))
+    return Group(f"{g.name}x{h.name}", table)
+
+
+def group(name: str) -> Group:
+    """S5, A5, A4xZ5 or Z60 (the paper's groups), or any Sk, Ak, Zk."""
+    if name == "A4xZ5":
+        return direct_product(alternating_group(4), cyclic_group(5))
+    kind, k = name[0], name[1:]
+    if kind in "SAZ" and k.isdigit():
+        return {"S": symmetric_group, "A": alternating_group, "Z": cyclic_group}[kind](int(k))
+    raise ValueError(f"unknown group {name!r} (S5, A5, A4xZ5, Z60, or Sk, Ak, Zk)")
+
+
+@dataclass(frozen=True)
+class GroupWordProblem:
+    """g_1 .. g_L from a group, and at every position the prefix product g_1 g_2 ... g_t.
+
+    Tokens 0..|G|-1 are the input elements, |G| + e the state e. Layout:
+    ``g_1 s_1 g_2 s_2 ... g_L s_L`` with s_t = g_1 ... g_t, every s_t scored: the word
+    problem's "every prefix product" target. `intermediate=False` scores only s_L and
+    hides the other states from the input (answer only).
+    """
+
+    group_name: str
+    L: int
+    intermediate: bool = True
+
+    @cached_property
+    def group(self) -> Group:
+        return group(self.group_name)
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 * self.group.order
+
+    @property
+    def length(self) -> int:
+        return 2 * self.L if self.intermediate else self.L + 1
+
+    def prefix_products(self, g: torch.Tensor) -> torch.Tensor:
+        table = self.group.table_tensor
+        states = [g[:, 0]]
+        for t in range(1, g.shape[1]):
+            states.append(table[states[-1], g[:, t]])
+        return torch.stack(states, dim=1)
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        G = self.group.order
+        g = torch.randint(0, G, (n, self.L), generator=_generator(seed))
+        s = self.prefix_products(g) + G
+        if self.intermediate:
+            tokens = torch.stack([g, s], dim=2).reshape(n, 2 * self.L)
+            scored = torch.zeros_like(tokens, dtype=torch.bool)
+            scored[:, 1::2] = True
+        else:
+            tokens = torch.cat([g, s[:, -1:]], dim=1)
+            scored = torch.zeros_like(tokens, dtype=torch.bool)
+            scored[:, -1] = True
+        return TaskBatch(tokens, scored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task models and the task trainer
+
+
+@dataclass(frozen=True)
+class TaskModelConfig:
+    """A tiny HF Llama for a task: `hidden_size` d, `num_layers`, `num_heads`, MLP width `mlp_ratio` x d."""
+
+    hidden_size: int
+    num_layers: int = 1
+    num_heads: int = 1
+    mlp_ratio: int = 4
+
+    def build(self, vocab_size: int, max_len: int) -> LlamaForCausalLM:
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
+                             intermediate_size=self.mlp_ratio * self.hidden_size,
+                             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                             num_key_value_heads=self.num_heads, max_position_embeddings=max_len,
+                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class TaskTraining:
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+
+
+@torch.no_grad()
+def task_accuracy(model, batch: TaskBatch, chunk: int = 512) -> float:
+    """Share of rows whose every scored token is the model's greedy (teacher-forced) prediction."""
+    was_training = model.training
+    model.eval()
+    right = []
+    for i in range(0, len(batch.tokens), chunk):
+        tokens, scored = batch.tokens[i:i + chunk], batch.scored[i:i + chunk]
+        logits = model(input_ids=tokens).logits
+        predictions = torch.cat([tokens[:, :1], logits[:, :-1].argmax(-1)], dim=1)  # position t from prefix < t
+        right.append(TaskBatch(tokens, scored).correct(predictions))
+    model.train(was_training)
+    return torch.cat(right).float().mean().item()
+
+
+def train_on_task(task, config: TaskModelConfig, training: TaskTraining, seed: int = 0,
+                  eval_size: int = 1024, cache: bool = True):
+    """A tiny model trained on samples of `task` (loss on scored positions only); (model, history).
+
+    The training pool holds steps x batch_size examples drawn with `seed`, and the
+    foundation's loop (`paperzoo.core.training.train`: AdamW, warm-up and cosine decay)
+    draws its batches from it; the held-out batch is drawn with a seed no pool uses. The
+    history holds the training loss, seconds and held-out accuracy. Cached under a hash
+    of the task, config, training and seed (`cache=False` trains without caching).
+    """
+    from paperzoo.core.models import load_trained, save_trained
+    from paperzoo.core.training import TrainConfig, train
+
+    key = store.stable_hash(["task-model-v1", type(task).__name__, asdict(task), asdict(config),
+                             asdict(training), seed])
+    path = store.home() / "task-models" / f"{type(task).__name__}-{key}"
+    held_out = task.sample(eval_size, seed=10**9 + seed)
+
+    def build(tmp) -> None:
+        torch.manual_seed(seed)
+        model = config.build(task.vocab_size, task.length)
+        batches = task.sample(training.steps * training.batch_size, seed=seed)
+        history = train(model, batches.tokens, TrainConfig(
+            steps=training.steps, batch_size=training.batch_size, seq_len=task.length, lr=training.lr,
+            warmup_steps=training.warmup_steps, weight_decay=training.weight_decay),
+            labels=batches.labels, seed=seed, desc=f"training on {type(task).__name__}")
+        history = {"train_loss": history["train_loss"], "seconds": history["seconds"],
+                   "accuracy": task_accuracy(model, held_out)}
+        save_trained(tmp, model, None, history)
+
+    if not cache:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            build(Path(tmp))
+            model, _, history = load_trained(Path(tmp))
+        return model, history
+    model, _, history = load_trained(store.cached_dir(path, build))
+    return model, history

@@ -1,0 +1,99 @@
+"""The synthetic-task library: generators against Python and sympy, determinism, the checker, the trainer."""
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from sympy.combinatorics import Permutation
+from sympy.combinatorics.named_groups import AlternatingGroup, SymmetricGroup
+
+from paperzoo.core import tasks
+
+
+def test_query_count_answers_are_python_counts():
+    task = tasks.QueryCount(m=5, n=12)
+    batch = task.sample(200, seed=3)
+    assert batch.tokens.shape == (200, task.length) and int(batch.tokens.max()) < task.vocab_size
+    assert batch.tokens[:, 0].eq(task.bos).all()
+    for row in batch.tokens.tolist():
+        x, answer = row[1:-1], row[-1]
+        assert answer - task.m == x.count(x[-1]) >= 1
+    assert batch.scored.sum(1).eq(1).all() and batch.scored[:, -1].all()
+
+
+def test_most_frequent_has_a_unique_answer_equal_to_pythons():
+    task = tasks.MostFrequent(m=6, n=10)
+    batch = task.sample(300, seed=1)
+    assert batch.tokens[:, 0].eq(task.bos).all()
+    for row in batch.tokens.tolist():
+        (top, c1), (_, c2) = Counter(row[1:-1]).most_common(2)
+        assert c1 > c2 and row[-1] == top
+
+
+def test_samples_are_deterministic_per_seed_and_differ_across_seeds():
+    task = tasks.GroupWordProblem("A5", L=8)
+    a, b, c = task.sample(16, seed=0), task.sample(16, seed=0), task.sample(16, seed=1)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_symmetric_and_alternating_tables_match_sympy(k):
+    elements = sorted(itertools.permutations(range(k)))
+    S = tasks.symmetric_group(k)
+    assert S.order == SymmetricGroup(k).order() and not S.abelian
+    for a, b in itertools.product(range(S.order), repeat=2):
+        # our a * b applies b first, then a: sympy's Permutation(b) * Permutation(a)
+        expected = (Permutation(list(elements[b])) * Permutation(list(elements[a]))).array_form
+        assert list(elements[S.product(a, b)]) == expected
+    A = tasks.alternating_group(k)
+    even = sorted(tuple(p.array_form) for p in AlternatingGroup(k).generate())
+    assert A.order == AlternatingGroup(k).order() and A.abelian == (k <= 3)
+    assert all(A.product(a, b) in range(A.order) for a, b in itertools.product(range(A.order), repeat=2))
+    assert sorted(p for p in elements if Permutation(list(p)).is_even) == even
+
+
+def test_groups_of_the_paper_have_the_right_orders_and_laws():
+    for name, order, abelian in [("S5", 120, False), ("A5", 60, False), ("A4xZ5", 60, False), ("Z60", 60, True)]:
+        G = tasks.group(name)
+        assert G.order == order and G.abelian == abelian
+        assert all(G.product(0, g) == g == G.product(g, 0) for g in range(order))  # identity first
+        assert all(sorted(row) == list(range(order)) for row in G.table)  # a Latin square: inverses exist
+    with pytest.raises(ValueError, match="unknown group"):
+        tasks.group("Q8")
+
+
+def test_word_problem_states_are_prefix_products():
+    task = tasks.GroupWordProblem("S5", L=6)
+    G = task.group
+    batch = task.sample(20, seed=2)
+    assert batch.scored[:, 1::2].all() and not batch.scored[:, 0::2].any()
+    for row in batch.tokens.tolist():
+        state = None
+        for g, s in zip(row[0::2], row[1::2]):
+            state = g if state is None else G.product(state, g)
+            assert s - G.order == state
+    answer_only = tasks.GroupWordProblem("S5", L=6, intermediate=False).sample(20, seed=2)
+    assert answer_only.tokens.shape == (20, 7) and torch.equal(answer_only.tokens[:, -1], batch.tokens[:, -1])
+
+
+def test_checker_needs_every_scored_position():
+    batch = tasks.GroupWordProblem("Z60", L=3).sample(4, seed=0)
+    predictions = batch.tokens.clone()
+    predictions[0, 0] += 1  # an unscored position: still right
+    predictions[1, 3] += 1  # a scored one: wrong
+    assert batch.correct(predictions).tolist() == [True, False, True, True]
+    assert (batch.labels == -100).sum() == (~batch.scored).sum()
+
+
+def test_a_tiny_model_learns_an_easy_task_and_the_cache_returns_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPERZOO_HOME", str(tmp_path))
+    task = tasks.GroupWordProblem("Z3", L=4)  # running sums mod 3, every state shown: chance is 1/81 per row
+    config, training = tasks.TaskModelConfig(hidden_size=32, num_layers=2, num_heads=2), tasks.TaskTraining(steps=200, lr=1e-2)
+    model, history = tasks.train_on_task(task, config, training, seed=0, eval_size=256)
+    assert history["accuracy"] > 0.9
+    again, history2 = tasks.train_on_task(task, config, training, seed=0, eval_size=256)
+    assert history2 == history and len(list((tmp_path / "task-models").iterdir())) == 1
+    shuffled = tasks.TaskBatch(task.sample(256, seed=5).tokens, task.sample(256, seed=5).scored)
+    shuffled.tokens[:, 1::2] = shuffled.tokens[torch.randperm(256), 1::2]  # states of other rows: wrong answers
+    assert tasks.task_accuracy(model, shuffled) < 0.1
