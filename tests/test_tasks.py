@@ -73,8 +73,15 @@ def test_word_problem_states_are_prefix_products():
         for g, s in zip(row[0::2], row[1::2]):
             state = g if state is None else G.product(state, g)
             assert s - G.order == state
-    answer_only = tasks.GroupWordProblem("S5", L=6, intermediate=False).sample(20, seed=2)
-    assert answer_only.tokens.shape == (20, 7) and torch.equal(answer_only.tokens[:, -1], batch.tokens[:, -1])
+    answer_only = tasks.GroupWordProblem("S5", L=6, format="answer").sample(20, seed=2)
+    assert answer_only.tokens.shape == (20, 8) and torch.equal(answer_only.tokens[:, -1], batch.tokens[:, -1])
+    assert torch.equal(answer_only.tokens[:, 1:-1], batch.tokens[:, 0::2])  # the same words, no states
+    every = tasks.GroupWordProblem("S5", L=6, format="every-prefix").sample(20, seed=2)
+    assert torch.equal(every.tokens[:, 1:-1], batch.tokens[:, 0::2]) and every.tokens.max() < 2 * G.order + 1
+    assert not (every.tokens[:, 1:-1] >= G.order).any()  # no state is ever an input
+    assert torch.equal(every.labels[:, 2:], batch.tokens[:, 1::2]) and (every.labels[:, :2] == -100).all()
+    with pytest.raises(ValueError, match="format"):
+        tasks.GroupWordProblem("S5", L=6, format="chain")
 
 
 def test_checker_needs_every_scored_position():

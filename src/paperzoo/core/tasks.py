@@ -39,17 +39,30 @@ from paperzoo.core import store
 
 @dataclass(frozen=True)
 class TaskBatch:
+    """Token ids, the positions that are scored, and what is expected there.
+
+    Position t is predicted from the tokens before it. By default the expected token is
+    the input token itself (the answer is written into the sequence, as in a chain of
+    thought); `targets` sets other expected tokens where the answer must never enter
+    the input (a prefix product predicted at every position without being shown).
+    """
+
     tokens: torch.Tensor  # [n, T] token ids
-    scored: torch.Tensor  # [n, T] bool: positions whose token is an answer predicted from the prefix
+    scored: torch.Tensor  # [n, T] bool: positions whose expected token the model must predict from the prefix
+    targets: torch.Tensor | None = None  # [n, T] expected tokens; None: `tokens`
+
+    @property
+    def expected(self) -> torch.Tensor:
+        return self.tokens if self.targets is None else self.targets
 
     @property
     def labels(self) -> torch.Tensor:
-        """HF causal-LM labels: the tokens at scored positions, -100 elsewhere (the model shifts them)."""
-        return self.tokens.masked_fill(~self.scored, -100)
+        """HF causal-LM labels: the expected tokens at scored positions, -100 elsewhere (the model shifts them)."""
+        return self.expected.masked_fill(~self.scored, -100)
 
     def correct(self, predictions: torch.Tensor) -> torch.Tensor:
-        """[n] bool: the row's every scored token equals `predictions` there ([n, T], aligned with `tokens`)."""
-        wrong = (predictions != self.tokens) & self.scored
+        """[n] bool: the row's every scored position holds the expected token in `predictions` ([n, T])."""
+        wrong = (predictions != self.expected) & self.scored
         return ~wrong.any(dim=1)
 
 
@@ -222,29 +235,42 @@ def group(name: str) -> Group:
 
 @dataclass(frozen=True)
 class GroupWordProblem:
-    """g_1 .. g_L from a group, and at every position the prefix product g_1 g_2 ... g_t.
+    """g_1 .. g_L from a group, and the prefix products s_t = g_1 g_2 ... g_t.
 
-    Tokens 0..|G|-1 are the input elements, |G| + e the state e. Layout:
-    ``g_1 s_1 g_2 s_2 ... g_L s_L`` with s_t = g_1 ... g_t, every s_t scored: the word
-    problem's "every prefix product" target. `intermediate=False` scores only s_L and
-    hides the other states from the input (answer only).
+    Tokens 0..|G|-1 are the input elements, |G| + e the state e, and 2|G| a start token.
+    Three formats:
+
+    - ``"cot"``: ``g_1 s_1 g_2 s_2 ... g_L s_L``, every s_t scored and written into the
+      sequence (a chain of thought of intermediate states);
+    - ``"every-prefix"``: ``<start> g_1 ... g_L <start>``, s_t expected at position t + 1
+      (predicted from g_1 .. g_t) but never shown: the word problem with every prefix as
+      target, one model for every length (The Illusion of State);
+    - ``"answer"``: ``<start> g_1 ... g_L s_L``, only s_L scored.
     """
 
     group_name: str
     L: int
-    intermediate: bool = True
+    format: str = "cot"
+
+    def __post_init__(self):
+        if self.format not in ("cot", "every-prefix", "answer"):
+            raise ValueError(f"format must be 'cot', 'every-prefix' or 'answer', not {self.format!r}")
 
     @cached_property
     def group(self) -> Group:
         return group(self.group_name)
 
     @property
-    def vocab_size(self) -> int:
+    def start(self) -> int:
         return 2 * self.group.order
 
     @property
+    def vocab_size(self) -> int:
+        return 2 * self.group.order + 1
+
+    @property
     def length(self) -> int:
-        return 2 * self.L if self.intermediate else self.L + 1
+        return 2 * self.L if self.format == "cot" else self.L + 2
 
     def prefix_products(self, g: torch.Tensor) -> torch.Tensor:
         table = self.group.table_tensor
@@ -257,15 +283,22 @@ class GroupWordProblem:
         G = self.group.order
         g = torch.randint(0, G, (n, self.L), generator=_generator(seed))
         s = self.prefix_products(g) + G
-        if self.intermediate:
+        start = torch.full((n, 1), self.start)
+        if self.format == "cot":
             tokens = torch.stack([g, s], dim=2).reshape(n, 2 * self.L)
             scored = torch.zeros_like(tokens, dtype=torch.bool)
             scored[:, 1::2] = True
-        else:
-            tokens = torch.cat([g, s[:, -1:]], dim=1)
+            return TaskBatch(tokens, scored)
+        if self.format == "answer":
+            tokens = torch.cat([start, g, s[:, -1:]], dim=1)
             scored = torch.zeros_like(tokens, dtype=torch.bool)
             scored[:, -1] = True
-        return TaskBatch(tokens, scored)
+            return TaskBatch(tokens, scored)
+        tokens = torch.cat([start, g, start], dim=1)
+        targets = torch.cat([start, start, s], dim=1)  # s_t sits at position t + 1, after g_t
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, 2:] = True
+        return TaskBatch(tokens, scored, targets)
 
 
 # ---------------------------------------------------------------------------------------------
