@@ -1,0 +1,58 @@
+"""Counting constructions: exact histograms when d >= m, the Welch bound below, CountAttend and its inverse MLP."""
+
+import math
+
+import pytest
+import torch
+
+from paperzoo.core.tasks import QueryCount
+from paperzoo.phenomena.transformer_counting import (
+    coherence, count_attend, histogram_count, inverse_mlp, welch_bound)
+
+
+def _words(m=6, n=12, B=200, seed=0):
+    x = QueryCount(m, n).sample(B, seed).tokens[:, 1:-1]  # drop BOS and the answer
+    return x, (x == x[:, -1:]).sum(1)
+
+
+def test_histogram_counts_exactly_with_orthonormal_embeddings():
+    x, c = _words()
+    U = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0][:6]  # 6 orthonormal rows in R^8
+    assert torch.allclose(histogram_count(x, U), c.double(), atol=1e-9)
+
+
+def test_below_m_every_embedding_interferes_at_least_by_the_welch_bound():
+    m, d = 6, 3
+    assert welch_bound(m, d) == pytest.approx(math.sqrt(3 / 15)) and welch_bound(m, m) == 0.0
+    for seed in range(5):
+        U = torch.randn(m, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert coherence(U) >= welch_bound(m, d) - 1e-12
+    mercedes = torch.tensor([[math.cos(a), math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
+    assert coherence(mercedes) == pytest.approx(welch_bound(3, 2))  # an equiangular tight frame meets it
+    x, c = _words(m=3, n=9)
+    err = (histogram_count(x, mercedes.double()) - c).abs()
+    foreign = 9 - c
+    assert torch.allclose(err, foreign.double() * 0.5)  # each foreign token adds exactly -mu: the interference is the bound
+
+
+def test_count_attend_puts_one_over_c_plus_one_on_bos_even_below_m():
+    x, c = _words(m=3, n=9)
+    mercedes = torch.tensor([[math.cos(a), math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
+    w = count_attend(x, mercedes, beta=60.0)
+    assert torch.allclose(w, 1.0 / (c + 1).double(), atol=1e-12)
+    assert not torch.allclose(count_attend(x, mercedes, beta=1.0), 1.0 / (c + 1).double(), atol=1e-2)  # beta too small
+
+
+def test_inverse_mlp_recovers_every_count_from_its_attention_weight():
+    n = 12
+    mlp = inverse_mlp(n)
+    w = 1.0 / (torch.arange(0, n + 1, dtype=torch.float64) + 1)
+    assert torch.allclose(mlp(w[:, None]).squeeze(1), torch.arange(0, n + 1, dtype=torch.float64), atol=1e-9)
+    assert sum(p.numel() for p in mlp[0].parameters()) == 2 * n  # n hidden ReLUs: width grows with n
+
+
+def test_counting_end_to_end_below_m():
+    x, c = _words(m=3, n=9, seed=3)
+    mercedes = torch.tensor([[math.cos(a), math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
+    counts = inverse_mlp(9)(count_attend(x, mercedes, beta=60.0)[:, None]).squeeze(1)
+    assert torch.equal(counts.round().long(), c)
