@@ -97,8 +97,11 @@ def test_a_tiny_model_learns_an_easy_task_and_the_cache_returns_it(tmp_path, mon
     monkeypatch.setenv("PAPERZOO_HOME", str(tmp_path))
     task = tasks.GroupWordProblem("Z3", L=4)  # running sums mod 3, every state shown: chance is 1/81 per row
     config, training = tasks.TaskModelConfig(hidden_size=32, num_layers=2, num_heads=2), tasks.TaskTraining(steps=200, lr=1e-2)
-    model, history = tasks.train_on_task(task, config, training, seed=0, eval_size=256)
-    assert history["accuracy"] > 0.9
+    from paperzoo.core.models import substrate_used
+
+    with substrate_used() as log:
+        model, history = tasks.train_on_task(task, config, training, seed=0, eval_size=256)
+    assert history["accuracy"] > 0.9 and log == []  # an experiment's own model is not shared substrate
     again, history2 = tasks.train_on_task(task, config, training, seed=0, eval_size=256)
     assert history2 == history and len(list((tmp_path / "task-models").iterdir())) == 1
     shuffled = tasks.TaskBatch(task.sample(256, seed=5).tokens, task.sample(256, seed=5).scored)

@@ -156,18 +156,20 @@ def save_trained(directory: Path, model, tokenizer, record: dict) -> None:
     (directory / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
 
 
-def load_trained(directory: Path, model_class=LlamaForCausalLM):
+def load_trained(directory: Path, model_class=LlamaForCausalLM, shared: bool = True):
     """(model in eval mode, tokenizer, training record) of a directory written by `save_trained`.
 
-    Every load is noted as substrate (see `substrate_used`), so a record names the
-    cached models its verdict stood on.
+    Every load of a shared model is noted as substrate (see `substrate_used`), so a record
+    names the cached models its verdict stood on; `shared=False` (an experiment's own
+    task models) is not.
     """
     hf_logging.disable_progress_bar()
     directory = Path(directory)
     model = model_class.from_pretrained(directory, use_safetensors=True).eval()
     record = json.loads((directory / TRAINING_RECORD).read_text())
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
-    note_substrate(directory.name, model, record)
+    if shared:
+        note_substrate(directory.name, model, record)
     return model, tokenizer, record
 
 

@@ -383,7 +383,7 @@ def train_on_task(task, config: TaskModelConfig, training: TaskTraining, seed: i
 
         with tempfile.TemporaryDirectory() as tmp:
             build(Path(tmp))
-            model, _, history = load_trained(Path(tmp))
+            model, _, history = load_trained(Path(tmp), shared=False)
         return model, history
-    model, _, history = load_trained(store.cached_dir(path, build))
+    model, _, history = load_trained(store.cached_dir(path, build), shared=False)
     return model, history
