@@ -40,6 +40,12 @@ critical margin (ln 2) were fixed before any run; the MoE's size and training we
 set so that it learns (the first precondition) within about three minutes on one
 core, without looking at any routing's quality.
 
+Substrate change (issue 10, B): the MoE now trains on the base LM's v2 recipe, batches
+of 8 rows for twice the steps (the same tokens), chosen on the base LM's validation loss;
+its own validation perplexity fell from 168.5 to 155.3. On the v1 MoE Lynx lost under 1
+point at batch 64 in every seed (reproduced); on v2 it loses 1.7-2.1 (not reproduced).
+The better-trained experts matter more, and the cap of 4 of 8 was not changed.
+
 Earlier predicate (until issue 9): (1) at batch 64 next-token accuracy drops by at
 most 1 point against full routing; (2) at batch 64 Lynx's decode perplexity is below
 static top-1 routing's; (3) one-thread CPU latency per decode step is at least 1.2x
