@@ -8,6 +8,7 @@ Run: python benchmarks/base_training.py [--steps 12]
 """
 
 import argparse
+
 import torch
 
 from paperzoo.core.base_card import flops_per_token, matmul_peak_flops

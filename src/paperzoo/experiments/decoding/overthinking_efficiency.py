@@ -37,9 +37,10 @@ How the set-up's hyper-parameters were chosen (from the control only):
   do not fit in 320, so half its answers were cut off before ``</think>`` and it kept
   0.50-0.56 of the base's 0.98-0.99 accuracy, failing the first precondition in every
   seed. The budget was raised on that precondition alone, and it did not rescue it: at
-  640 the overthinking model still runs past the budget on 30-35% of problems (5.7 rounds
-  on average where it was trained on 4) and keeps 0.50-0.51 accuracy. The fine-tune that
-  induces overthinking does not learn where to stop; that recipe is the next thing to change.
+  640 the overthinking model still runs past the budget on 18-35% of problems (5.1-5.9
+  rounds on average where it was trained on 4) and keeps 0.50-0.60 accuracy against the
+  base's 0.98-0.99 (shipped three-seed run). The fine-tune that induces overthinking does
+  not learn where to stop; that recipe is the next thing to change.
 
 Preconditions (any not met: verdict inconclusive):
 
