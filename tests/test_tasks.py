@@ -107,3 +107,27 @@ def test_a_tiny_model_learns_an_easy_task_and_the_cache_returns_it(tmp_path, mon
     shuffled = tasks.TaskBatch(task.sample(256, seed=5).tokens, task.sample(256, seed=5).scored)
     shuffled.tokens[:, 1::2] = shuffled.tokens[torch.randperm(256), 1::2]  # states of other rows: wrong answers
     assert tasks.task_accuracy(model, shuffled) < 0.1
+
+
+@pytest.mark.parametrize("cluster_size", [1, 2])
+def test_label_map_episodes_follow_one_map_per_row_and_mark_what_is_predictable(cluster_size):
+    from paperzoo.core.tasks import LabelMapEpisodes
+
+    task = LabelMapEpisodes(items=6, labels=3, demos=12, cluster_size=cluster_size)
+    batch = task.sample(64, seed=0)
+    tokens, targets = batch.tokens, batch.expected
+    assert tokens.shape == (64, task.length) and (tokens[:, 0] == task.bos).all()
+    seen_any = False
+    for row, target in zip(tokens.tolist(), targets.tolist()):
+        label_of = {}
+        for j in range(task.demos):
+            x, pair, y = row[1 + 2 * j], row[2 + 2 * j], target[2 + 2 * j] - task.label_token(0)
+            assert 0 <= x < task.items and pair == task.items + x * task.labels + y  # the pair token holds (x, y)
+            assert label_of.setdefault(x // cluster_size, y) == y  # one label per cluster within a row
+            seen = task.seen_before(torch.tensor([row]))[0, 2 + 2 * j].item()
+            assert seen == (x // cluster_size in [row[1 + 2 * i] // cluster_size for i in range(j)])
+            seen_any |= seen
+    assert seen_any and batch.scored[:, 2::2].all() and not batch.scored[:, 1::2].any()
+    # the map is fresh per row: the same item takes different labels across rows
+    x0 = [{r[1 + 2 * j]: t[2 + 2 * j] for j in range(task.demos)}.get(0) for r, t in zip(tokens.tolist(), targets.tolist())]
+    assert len({y for y in x0 if y is not None}) > 1

@@ -22,6 +22,9 @@ Tasks so far:
 - `GroupWordProblem` (The Illusion of State, 2404.08819): a word of group elements and,
   at every position, the product of the prefix so far; groups S5, A5, A4 x Z5 and Z60 by
   their multiplication tables.
+- `LabelMapEpisodes` (the in-context-learning papers: 2411.02830, 2405.00200, 2507.22887):
+  pairs (x, y) under a random label map drawn afresh for every sequence, so a label can
+  only be read from the context.
 """
 
 from __future__ import annotations
@@ -298,6 +301,90 @@ class GroupWordProblem:
         targets = torch.cat([start, start, s], dim=1)  # s_t sits at position t + 1, after g_t
         scored = torch.zeros_like(tokens, dtype=torch.bool)
         scored[:, 2:] = True
+        return TaskBatch(tokens, scored, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-context classification under a random label map (2411.02830, 2405.00200, 2507.22887)
+
+
+@dataclass(frozen=True)
+class LabelMapEpisodes:
+    """BOS, then `demos` demonstrations ``x (x, y)`` with y = f(x) under a label map f drawn afresh for every row.
+
+    A demonstration is two tokens: the item x (the query slot) and one token for the pair
+    (x, y); the label y is predicted at the query slot, from everything before it. Token ids:
+    items 0..I-1, pairs I + x C + y, labels I + I C + y, BOS last (I = `items`, C = `labels`).
+    Items come in fixed clusters of `cluster_size` consecutive ids (x // cluster_size), and
+    f gives one label per cluster, uniform and fresh per row: nothing about f can be stored
+    in the weights (only which items share a cluster), a label is predictable only when an
+    item of its cluster was demonstrated earlier in the row, and then one demonstration
+    informs every query of its cluster, as a real task's demonstrations inform more than
+    their own input (with `cluster_size` 1, each informs only itself: pure look-up).
+    Otherwise the best prediction is the uniform prior, which is what an in-context expert
+    without a relevant demonstration should say. Every query slot is scored (the label is
+    the target there; the pair token that follows is never a target), so one row trains
+    every context length up to `demos` demonstrations. One-token pairs make the look-up one
+    attention step, which a tiny model learns in a few hundred steps; with the label as its
+    own token after the item (``x y x y ...``) the copy needs an induction circuit, which two
+    layers of width 64 had not formed after 1,500 steps (calibration, seed 0: the loss stayed
+    at log 4). `seen_before(tokens)` marks the predictable query slots.
+    """
+
+    items: int = 32
+    labels: int = 4
+    demos: int = 64
+    cluster_size: int = 1
+
+    def __post_init__(self):
+        if self.items % self.cluster_size:
+            raise ValueError(f"cluster_size ({self.cluster_size}) must divide items ({self.items})")
+
+    @property
+    def bos(self) -> int:
+        return self.items + self.items * self.labels + self.labels
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bos + 1
+
+    @property
+    def length(self) -> int:
+        return 2 * self.demos + 1
+
+    def label_token(self, y: torch.Tensor) -> torch.Tensor:
+        return self.items + self.items * self.labels + y
+
+    def random_maps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """[n, clusters] label indices: one uniform map f per row, from clusters to labels."""
+        return torch.randint(0, self.labels, (n, self.items // self.cluster_size), generator=g)
+
+    def pairs(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """[n, 2k] tokens ``x_1 (x_1, y_1) .. x_k (x_k, y_k)`` for items x [n, k] under maps f [n, clusters]."""
+        pair = self.items + x * self.labels + self.label_of(x, f)
+        return torch.stack([x, pair], dim=2).reshape(len(x), -1)
+
+    def label_of(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Label indices y = f(cluster of x) for items x [n, k] under maps f [n, clusters]."""
+        return f.gather(1, x // self.cluster_size)
+
+    def seen_before(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[n, T] bool: pair positions (even t >= 2, after BOS) whose item's cluster was demonstrated at an earlier pair."""
+        x = tokens[:, 1::2] // self.cluster_size  # the items' clusters, at odd positions
+        earlier = (x[:, :, None] == x[:, None, :]).tril(diagonal=-1).any(dim=2)
+        seen = torch.zeros_like(tokens, dtype=torch.bool)
+        seen[:, 2::2] = earlier
+        return seen
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        g = _generator(seed)
+        f = self.random_maps(n, g)
+        x = torch.randint(0, self.items, (n, self.demos), generator=g)
+        tokens = torch.cat([torch.full((n, 1), self.bos), self.pairs(x, f)], dim=1)
+        targets = tokens.clone()
+        targets[:, 2::2] = self.label_token(self.label_of(x, f))  # the label, predicted at the query slot before it
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, 2::2] = True
         return TaskBatch(tokens, scored, targets)
 
 
