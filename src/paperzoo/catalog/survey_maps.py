@@ -130,7 +130,46 @@ SMALL_LM_SURVEY = (
            "Architectures co-designed with device processors, synthetic pre-training data, personalisation on device."),
 )
 
+BROADER_ICL = (
+    # Lampinen et al. 2024 (arXiv:2412.03782), a position paper: ICL is any drop in next-token loss that earlier
+    # context in the same sequence buys (sec. 1), learned by pretraining as the inner loop of meta-learning.
+    # Sec. 2: forms beyond supervised few-shot; sec. 3: ICL in the structure of natural language; sec. 4: the axes
+    # of generalisation. Instructional, role-based and explanation forms need natural-language pretraining: nothing
+    # trained from scratch here can show them.
+    Branch("Forms of ICL", "Supervised few-shot ICL",
+           "Input-output demonstrations, then a query: the narrow sense the paper widens.",
+           ("long-context-icl", "mixture-of-icl", "demo-position-bias", "attention-intrinsic-dimension"),
+           "mixture-of-icl and attention-intrinsic-dimension run on models meta-trained here on synthetic episodes."),
+    Branch("Forms of ICL", "Instructional ICL",
+           "A task described in words, not shown, and carried out; needs natural-language pretraining."),
+    Branch("Forms of ICL", "Role-based ICL",
+           "A persona in the prompt changes how the model answers; needs natural-language pretraining."),
+    Branch("Forms of ICL", "Explanation-augmented ICL",
+           "Explanations after the demonstrations, helping most on hard questions; needs natural-language pretraining."),
+    Branch("Forms of ICL", "Unsupervised ICL",
+           "Inputs without answers still help: the model recognises the task from the format."),
+    Branch("Forms of ICL", "Time-series ICL",
+           "Dynamics (cycles, trends, a process's transition kernel) inferred from the series itself.",
+           ("icl-dynamical-systems",)),
+    Branch("Forms of ICL", "Meta-ICL",
+           "Several tasks in one sequence; later tasks need fewer examples: learning to learn in context."),
+    Branch("ICL in natural language", "Coreference, parallel structure, word sense, agreement",
+           "Resolving who 'she' is, continuing a repeated frame, disambiguating 'bank', matching verb to subject."),
+    Branch("ICL in natural language", "Topic modelling",
+           "Vocabulary shifts with a topic the text never names, tracked across a long context."),
+    Branch("Generalisation", "In what is learned",
+           "Something new from the context (a novel rule, category or structure) rather than a retrieved one.",
+           ("icl-representations", "universal-icl"),
+           "icl-representations: a graph's structure inferred from a random walk; universal-icl: one model for any "
+           "in-context map of the context measure, at any context size."),
+    Branch("Generalisation", "Across formats",
+           "The same task learned from examples, instructions, diagrams or code."),
+    Branch("Generalisation", "In how it is used",
+           "A rule learned in context applied to a new domain, explained, or written as code."),
+)
+
 SURVEY_MAPS: dict[str, tuple[Branch, ...]] = {
+    "broader-icl": BROADER_ICL,
     "efficient-inference-survey": EFFICIENT_INFERENCE_SURVEY,
     "small-lm-survey": SMALL_LM_SURVEY,
 }
