@@ -131,3 +131,21 @@ def test_label_map_episodes_follow_one_map_per_row_and_mark_what_is_predictable(
     # the map is fresh per row: the same item takes different labels across rows
     x0 = [{r[1 + 2 * j]: t[2 + 2 * j] for j in range(task.demos)}.get(0) for r, t in zip(tokens.tolist(), targets.tolist())]
     assert len({y for y in x0 if y is not None}) > 1
+
+
+def test_label_noise_redraws_shown_labels_but_never_the_target():
+    from paperzoo.core.tasks import LabelMapEpisodes
+
+    task = LabelMapEpisodes(items=16, labels=4, demos=32, cluster_size=4, label_noise=0.4)
+    batch = task.sample(512, seed=1)
+    shown = (batch.tokens[:, 2::2] - task.items) % task.labels
+    target = batch.expected[:, 2::2] - task.label_token(0)
+    x = batch.tokens[:, 1::2]
+    # the target is one label per cluster within a row (f's label), whatever was shown
+    for row_x, row_t in zip(x.tolist()[:50], target.tolist()[:50]):
+        per_cluster = {}
+        assert all(per_cluster.setdefault(a // 4, t) == t for a, t in zip(row_x, row_t))
+    agree = (shown == target).float().mean().item()
+    assert abs(agree - (0.6 + 0.4 / 4)) < 0.02  # redrawn uniformly: right by chance a quarter of the time
+    clean = LabelMapEpisodes(items=16, labels=4, demos=32, cluster_size=4).sample(512, seed=1)
+    assert torch.equal((clean.tokens[:, 2::2] - 16) % 4, clean.expected[:, 2::2] - task.label_token(0))

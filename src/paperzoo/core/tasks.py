@@ -320,7 +320,9 @@ class LabelMapEpisodes:
     in the weights (only which items share a cluster), a label is predictable only when an
     item of its cluster was demonstrated earlier in the row, and then one demonstration
     informs every query of its cluster, as a real task's demonstrations inform more than
-    their own input (with `cluster_size` 1, each informs only itself: pure look-up).
+    their own input (with `cluster_size` 1, each informs only itself: pure look-up). With
+    `label_noise`, a share of the shown labels is redrawn at random while the target stays
+    f's label, so more demonstrations of a cluster keep helping (a majority of noisy labels).
     Otherwise the best prediction is the uniform prior, which is what an in-context expert
     without a relevant demonstration should say. Every query slot is scored (the label is
     the target there; the pair token that follows is never a target), so one row trains
@@ -335,10 +337,13 @@ class LabelMapEpisodes:
     labels: int = 4
     demos: int = 64
     cluster_size: int = 1
+    label_noise: float = 0.0  # share of demonstrations whose shown label is redrawn uniformly (the target never is)
 
     def __post_init__(self):
         if self.items % self.cluster_size:
             raise ValueError(f"cluster_size ({self.cluster_size}) must divide items ({self.items})")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), not {self.label_noise}")
 
     @property
     def bos(self) -> int:
@@ -359,9 +364,16 @@ class LabelMapEpisodes:
         """[n, clusters] label indices: one uniform map f per row, from clusters to labels."""
         return torch.randint(0, self.labels, (n, self.items // self.cluster_size), generator=g)
 
-    def pairs(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """[n, 2k] tokens ``x_1 (x_1, y_1) .. x_k (x_k, y_k)`` for items x [n, k] under maps f [n, clusters]."""
-        pair = self.items + x * self.labels + self.label_of(x, f)
+    def pairs(self, x: torch.Tensor, f: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        """[n, 2k] tokens ``x_1 (x_1, y_1) .. x_k (x_k, y_k)`` for items x [n, k] under maps f [n, clusters].
+
+        With `label_noise` and a generator `g`, each shown label is redrawn uniformly with that probability.
+        """
+        y = self.label_of(x, f)
+        if self.label_noise and g is not None:
+            redraw = torch.rand(x.shape, generator=g) < self.label_noise
+            y = torch.where(redraw, torch.randint(0, self.labels, x.shape, generator=g), y)
+        pair = self.items + x * self.labels + y
         return torch.stack([x, pair], dim=2).reshape(len(x), -1)
 
     def label_of(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -380,7 +392,7 @@ class LabelMapEpisodes:
         g = _generator(seed)
         f = self.random_maps(n, g)
         x = torch.randint(0, self.items, (n, self.demos), generator=g)
-        tokens = torch.cat([torch.full((n, 1), self.bos), self.pairs(x, f)], dim=1)
+        tokens = torch.cat([torch.full((n, 1), self.bos), self.pairs(x, f, g)], dim=1)
         targets = tokens.clone()
         targets[:, 2::2] = self.label_token(self.label_of(x, f))  # the label, predicted at the query slot before it
         scored = torch.zeros_like(tokens, dtype=torch.bool)
