@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from paperzoo.core.evaluation import candidate_log_probs
+
 COMBINES = ("mixture", "product")
 
 
@@ -64,29 +66,12 @@ def expert_log_probs(model, subsets: Sequence[torch.Tensor], queries: Sequence[t
     `prefix`: tokens put first in every prompt (a BOS or an instruction). Works on any HF
     causal LM; prompts are right-padded, so positions and causal masks are unaffected.
     """
-    if not subsets or not queries or not candidates:
-        raise ValueError("subsets, queries and candidates must each hold at least one token sequence")
+    if not subsets or not queries:
+        raise ValueError("subsets and queries must each hold at least one token sequence")
     head = prefix if prefix is not None else torch.zeros(0, dtype=torch.long)
-    rows = [(torch.cat([head, s, q]), c) for q in queries for s in subsets for c in candidates]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        lengths = [len(p) + len(c) for p, c in chunk]
-        ids = torch.zeros(len(chunk), max(lengths), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (p, c) in enumerate(chunk):
-            ids[r, :lengths[r]] = torch.cat([p, c])
-            mask[r, :lengths[r]] = 1
-        logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
-        for r, (p, c) in enumerate(chunk):
-            at = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # the logits that predict the candidate's tokens
-            scores.append(logp[r, at, c].sum())
-    model.train(was_training)
-    out = torch.stack(scores).view(len(queries), len(subsets), len(candidates))
-    return out.log_softmax(dim=-1)
+    prompts = [torch.cat([head, s, q]) for q in queries for s in subsets]
+    out = candidate_log_probs(model, prompts, candidates, batch_size)
+    return out.view(len(queries), len(subsets), len(candidates))
 
 
 @torch.no_grad()
