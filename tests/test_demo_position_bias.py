@@ -79,3 +79,33 @@ def test_bad_inputs_say_so_in_one_line(tokenizer):
     plain.chat_template = "{{ raise_exception('System role not supported') }}"
     with pytest.raises(ValueError, match="cannot render a system"):
         placement_ids(plain, SYSTEM, USER, DEMOS, "ssp")
+
+
+def test_the_chat_shaped_task_puts_the_same_block_in_each_segment_and_labels_by_the_map():
+    from paperzoo.experiments.phenomena.demo_position_bias import ChatICL
+
+    task = ChatICL()
+    g = torch.Generator().manual_seed(0)
+    block, query, label = task.draw(64, g)
+    sys_open, sys_close, user_open, user_close, assistant = range(task.first_marker, task.first_marker + 5)
+    rows = {}
+    for p in PLACEMENTS:
+        rows[p] = task.build(block, query, label, [p] * 64, torch.Generator().manual_seed(1)).tokens
+        assert rows[p].shape == (64, task.length)
+    for i in range(64):
+        b = block[i, :, :2].reshape(-1).tolist()  # x (x, y) per demonstration
+        for p in PLACEMENTS:
+            r = rows[p][i].tolist()
+            start = [k for k in range(len(r) - len(b) + 1) if r[k:k + len(b)] == b]
+            assert len(start) == 1
+            k = start[0]
+            where = {"ssp": r[k - 1] == sys_open, "esp": r[k + len(b)] == sys_close,
+                     "sum": r[k - 1] == user_open, "eum": r[k + len(b)] == user_close}
+            assert where[p], p
+            assert r[-2] == assistant and r[-1] == int(label[i])
+            assert r[r.index(user_close) - 1 - (len(b) if p == "eum" else 0)] == int(query[i])  # the question
+        # the label is the map's label of the query's cluster, as a demonstration of that cluster would show it
+        for pair in b[1::2]:
+            x, y = divmod(pair - task.pairs.items, task.pairs.labels)
+            if x // task.pairs.cluster_size == int(query[i]) // task.pairs.cluster_size:
+                assert task.pairs.label_token(torch.tensor(y)) == label[i]
