@@ -149,3 +149,42 @@ def test_label_noise_redraws_shown_labels_but_never_the_target():
     assert abs(agree - (0.6 + 0.4 / 4)) < 0.02  # redrawn uniformly: right by chance a quarter of the time
     clean = LabelMapEpisodes(items=16, labels=4, demos=32, cluster_size=4).sample(512, seed=1)
     assert torch.equal((clean.tokens[:, 2::2] - 16) % 4, clean.expected[:, 2::2] - task.label_token(0))
+
+
+def test_task_models_are_keyed_by_how_the_task_draws_its_sequences():
+    import inspect
+
+    from paperzoo.core.tasks import LabelMapEpisodes, task_source
+    from paperzoo.experiments.phenomena.demo_position_bias import ChatICL
+
+    assert inspect.getsource(LabelMapEpisodes.sample) in task_source(LabelMapEpisodes())  # the format is in the key
+    nested = task_source(ChatICL())
+    assert "class ChatICL" in nested and "class LabelMapEpisodes" in nested  # so is a dataclass field's format
+    words = tasks.GroupWordProblem("Z3", L=4)
+    before = task_source(words)
+    words.group  # a cached property lands in vars(): the key must not move
+    assert task_source(words) == before and "class Group(" not in before
+    config, training = tasks.TaskModelConfig(8), tasks.TaskTraining(steps=1)
+    path = tasks.task_model_path(words, config, training, 0)
+    original = tasks.task_source
+    try:
+        tasks.task_source = lambda task: original(task) + "# the generator changed"
+        assert tasks.task_model_path(words, config, training, 0) != path
+    finally:
+        tasks.task_source = original
+
+
+def test_task_accuracy_reads_the_targets_where_the_answer_is_never_shown():
+    from types import SimpleNamespace
+
+    batch = tasks.GroupWordProblem("Z3", L=5, format="every-prefix").sample(64, seed=0)
+    vocab = tasks.GroupWordProblem("Z3", L=5, format="every-prefix").vocab_size
+
+    class Oracle(torch.nn.Module):  # predicts, at every position, the expected token of the next one
+        def forward(self, input_ids):
+            rows = {tuple(t.tolist()): e for t, e in zip(batch.tokens, batch.expected)}
+            nxt = torch.stack([torch.cat([rows[tuple(t.tolist())][1:], torch.zeros(1, dtype=torch.long)])
+                               for t in input_ids])
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, vocab).float())
+
+    assert tasks.task_accuracy(Oracle(), batch, chunk=16) == 1.0

@@ -29,9 +29,10 @@ Tasks so far:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import cached_property
 
 import torch
@@ -438,12 +439,31 @@ def task_accuracy(model, batch: TaskBatch, chunk: int = 512) -> float:
     model.eval()
     right = []
     for i in range(0, len(batch.tokens), chunk):
-        tokens, scored = batch.tokens[i:i + chunk], batch.scored[i:i + chunk]
-        logits = model(input_ids=tokens).logits
-        predictions = torch.cat([tokens[:, :1], logits[:, :-1].argmax(-1)], dim=1)  # position t from prefix < t
-        right.append(TaskBatch(tokens, scored).correct(predictions))
+        part = TaskBatch(batch.tokens[i:i + chunk], batch.scored[i:i + chunk],
+                         None if batch.targets is None else batch.targets[i:i + chunk])
+        logits = model(input_ids=part.tokens).logits
+        predictions = torch.cat([part.tokens[:, :1], logits[:, :-1].argmax(-1)], dim=1)  # position t from prefix < t
+        right.append(part.correct(predictions))
     model.train(was_training)
     return torch.cat(right).float().mean().item()
+
+
+def task_source(task) -> str:
+    """The source of the task's class and of every dataclass among its fields: part of a task model's cache key.
+
+    A change to how a task draws its sequences changes this text, so a model trained on the old
+    format is never loaded for the new one, even when the dataclass's fields stay the same.
+    """
+    values = [getattr(task, f.name) for f in fields(task)]  # fields only: cached properties also live in vars()
+    classes = [type(task)] + [type(v) for v in values if is_dataclass(v) and not isinstance(v, type)]
+    return "".join(inspect.getsource(c) for c in dict.fromkeys(classes))
+
+
+def task_model_path(task, config: TaskModelConfig, training: TaskTraining, seed: int) -> "Path":
+    """Where `train_on_task` caches a model: a hash of the task (fields and source), config, training and seed."""
+    key = store.stable_hash(["task-model-v2", type(task).__name__, asdict(task), task_source(task), asdict(config),
+                             asdict(training), seed])
+    return store.home() / "task-models" / f"{type(task).__name__}-{key}"
 
 
 def train_on_task(task, config: TaskModelConfig, training: TaskTraining, seed: int = 0,
@@ -454,14 +474,13 @@ def train_on_task(task, config: TaskModelConfig, training: TaskTraining, seed: i
     foundation's loop (`paperzoo.core.training.train`: AdamW, warm-up and cosine decay)
     draws its batches from it; the held-out batch is drawn with a seed no pool uses. The
     history holds the training loss, seconds and held-out accuracy. Cached under a hash
-    of the task, config, training and seed (`cache=False` trains without caching).
+    of the task (its fields and its class's source, `task_source`), config, training and seed
+    (`cache=False` trains without caching).
     """
     from paperzoo.core.models import load_trained, save_trained
     from paperzoo.core.training import TrainConfig, train
 
-    key = store.stable_hash(["task-model-v1", type(task).__name__, asdict(task), asdict(config),
-                             asdict(training), seed])
-    path = store.home() / "task-models" / f"{type(task).__name__}-{key}"
+    path = task_model_path(task, config, training, seed)
     held_out = task.sample(eval_size, seed=10**9 + seed)
 
     def build(tmp) -> None:
