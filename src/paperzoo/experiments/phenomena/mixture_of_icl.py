@@ -26,7 +26,8 @@ compared paired over tasks.
 
 Set-up, chosen on the meta-trained model's in-context accuracy (the control) and never on
 MoICL's checks: width 64, two layers, 600 steps of 32 episodes (seed 0: right on 97% of
-labels whose item it had seen; the first task format, with the label as its own token after
+labels whose item it had seen without clusters, 99.99% of those whose cluster it had seen
+with them, below; the first task format, with the label as its own token after
 the item, stayed at chance after 1,500 steps, see `LabelMapEpisodes`); 8 subsets of 8 and 3
 corrupted subsets are fixed by the design above (a minority of the pool, as in the paper's
 perturbed-demonstration study); the weights train for 300 full-batch Adam steps at lr 0.1.
