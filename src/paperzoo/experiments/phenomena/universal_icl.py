@@ -54,6 +54,7 @@ import torch
 
 from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import all_of, bootstrap_mean, decided, paired_difference
+from paperzoo.core.training import progress
 from paperzoo.phenomena.universal_icl import InContextConfig, InContextTransformer, context_size_invariance
 
 RATIO = 1.5  # error at unseen sizes within this factor of the error at training sizes
@@ -103,16 +104,20 @@ def train(s: dict, seed: int) -> tuple[InContextTransformer, list[float]]:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for step in range(s["steps"]):
-        n = s["train_sizes"][int(torch.randint(len(s["train_sizes"]), (1,), generator=g))]
-        mixtures = random_mixtures(s["batch"], s["d"], g)
-        y, x = sample_mixtures(mixtures, n, g), queries_for(mixtures, s["queries"], g)
-        loss = (model(y, x).squeeze(-1) - kernel_mean(x, y, s["sigma"])).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-        losses.append(loss.item())
+    # A regression on continuous tokens: core.training.train is the token LM's loop, so this one is its own.
+    with progress("training the in-context transformer") as bar:
+        task = bar.add_task("training the in-context transformer", total=s["steps"], status="")
+        for step in range(s["steps"]):
+            n = s["train_sizes"][int(torch.randint(len(s["train_sizes"]), (1,), generator=g))]
+            mixtures = random_mixtures(s["batch"], s["d"], g)
+            y, x = sample_mixtures(mixtures, n, g), queries_for(mixtures, s["queries"], g)
+            loss = (model(y, x).squeeze(-1) - kernel_mean(x, y, s["sigma"])).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update(task, advance=1, status=f"loss {loss.item():.2e}")
     return model.eval(), losses
 
 
