@@ -75,3 +75,13 @@ def test_per_position_loss_and_the_icl_score():
     assert measures.icl_score(losses, early=1, late=8) == pytest.approx(-math.log(V), abs=1e-6)
     with pytest.raises(ValueError, match="early"):
         measures.icl_score(losses, early=5, late=2)
+
+
+def test_logistic_fit_keeps_the_transition_inside_the_data_and_fits_falls():
+    x = np.linspace(1, 10, 30)
+    fall = measures.Logistic(low=0.9, high=0.1, midpoint=5.0, width=0.5)  # high < low: a fall
+    fit = measures.logistic_fit(x, fall(x))
+    assert fit.midpoint == pytest.approx(5.0, abs=1e-3) and fit.width > 0 and fit.high < fit.low
+    relaxation = np.exp(-x / 3)  # a smooth fall: unbounded, the fit put its "midpoint" at -22 and read it as sharp
+    fit = measures.logistic_fit(x, relaxation)
+    assert x.min() <= fit.midpoint <= x.max() and fit.sharpness > 1

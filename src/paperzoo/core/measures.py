@@ -11,7 +11,8 @@ those readings once:
 - `crossing(x, y, tau)`: the first control value where a curve reaches tau (a "tau-crossing"),
   linearly interpolated between grid points;
 - `power_law_fit(x, y)`: y = a x^b by least squares in log-log space;
-- `logistic_fit(x, y)`: y = low + (high - low) / (1 + exp(-(x - midpoint) / width));
+- `logistic_fit(x, y)`: y = low + (high - low) / (1 + exp(-(x - midpoint) / width)), the midpoint
+  kept inside the measured range;
 - `per_position_loss(model, tokens)` and `icl_score(losses, early, late)`: the in-context
   learning score of Olsson et al. (2022), the loss at a late position minus the loss at
   an early one (negative: the context helps).
@@ -123,14 +124,22 @@ class Logistic:
 
 
 def logistic_fit(x: Sequence[float], y: Sequence[float]) -> Logistic:
-    """Least-squares fit of y = low + (high - low) / (1 + exp(-(x - midpoint) / width))."""
+    """Least-squares fit of y = low + (high - low) / (1 + exp(-(x - midpoint) / width)).
+
+    The midpoint is kept inside the measured range and the width positive (a fall has high < low):
+    unbounded, a smooth curve could be fitted by a transition far outside the data, whose small
+    width over a distant midpoint would read as a sharp one.
+    """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.size < 4:
         raise ValueError("a logistic needs at least four (x, y) points of the same length")
     f = lambda t, low, high, mid, width: low + (high - low) / (1.0 + np.exp(-(t - mid) / width))
     span = float(x.max() - x.min()) or 1.0
-    start = [float(y.min()), float(y.max()), float(np.median(x)), span / 10]
-    (low, high, mid, width), _ = curve_fit(f, x, y, p0=start, maxfev=20000)
+    rising = np.corrcoef(x, y)[0, 1] >= 0 if np.ptp(y) > 0 else True
+    start = [float(y.min()), float(y.max())] if rising else [float(y.max()), float(y.min())]
+    start += [float(np.median(x)), span / 10]
+    bounds = ([-np.inf, -np.inf, float(x.min()), span * 1e-6], [np.inf, np.inf, float(x.max()), np.inf])
+    (low, high, mid, width), _ = curve_fit(f, x, y, p0=start, bounds=bounds, maxfev=20000)
     return Logistic(float(low), float(high), float(mid), float(width))
 
 

@@ -168,7 +168,8 @@ def log_logistic_fit(t, y, direction: int) -> LogLogistic:
     The direction is the claim's (the energy falls, the accuracy rises); a curve that does not move that way
     gets no transition (the widest width). t_c is kept between the second and the second-to-last fitted
     lengths, so that the data resolve the transition on both sides (unbounded, a fit can place a step between
-    two sampled lengths, or outside them, and call a smooth curve sharp: core's `logistic_fit` is unbounded),
+    two sampled lengths, or outside them, and call a smooth curve sharp; core's `logistic_fit` keeps its midpoint
+    only inside the measured range, in x rather than ln t),
     and both levels stay within the data's range widened by its span.
     """
     if direction not in (-1, 1):
