@@ -25,6 +25,9 @@ Tasks so far:
 - `LabelMapEpisodes` (the in-context-learning papers: 2411.02830, 2405.00200, 2507.22887):
   pairs (x, y) under a random label map drawn afresh for every sequence, so a label can
   only be read from the context.
+- `AssociativeRecall`, `MaxRetrieval` and `Passkey` (the architectures papers, compared by
+  `paperzoo.core.blocks.compare_blocks`): read out at the last position, so non-causal
+  mixers fit.
 """
 
 from __future__ import annotations
@@ -399,6 +402,113 @@ class LabelMapEpisodes:
         scored = torch.zeros_like(tokens, dtype=torch.bool)
         scored[:, 2::2] = True
         return TaskBatch(tokens, scored, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval tasks for comparing blocks (the architectures papers; `paperzoo.core.blocks`)
+#
+# Each is read out at the last position: the row ends in a placeholder whose expected token
+# (`targets`) is the answer, so the answer never enters the input and a non-causal mixer
+# (FFTNet, FNet) is scored as fairly as a causal one.
+
+
+def _read_out_last(context: torch.Tensor, placeholder: int, answer: torch.Tensor) -> TaskBatch:
+    tokens = torch.cat([context, torch.full((len(context), 1), placeholder)], dim=1)
+    targets = tokens.clone()
+    targets[:, -1] = answer
+    scored = torch.zeros_like(tokens, dtype=torch.bool)
+    scored[:, -1] = True
+    return TaskBatch(tokens, scored, targets)
+
+
+@dataclass(frozen=True)
+class AssociativeRecall:
+    """``k_1 v_1 .. k_n v_n q ?``: n pairs with distinct keys, then one of their keys; the answer is its value.
+
+    Token ids: keys 0..K-1, values K..K+V-1, the placeholder last. Values are drawn
+    independently per pair, so a value can repeat and only the key identifies it.
+    """
+
+    pairs: int = 8
+    keys: int = 16
+    values: int = 16
+
+    def __post_init__(self):
+        if self.pairs > self.keys:
+            raise ValueError(f"{self.pairs} pairs need at least as many keys, not {self.keys}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.keys + self.values + 1
+
+    @property
+    def length(self) -> int:
+        return 2 * self.pairs + 2
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        g = _generator(seed)
+        k = torch.rand(n, self.keys, generator=g).argsort(dim=1)[:, : self.pairs]  # distinct keys per row
+        v = self.keys + torch.randint(0, self.values, (n, self.pairs), generator=g)
+        asked = torch.randint(0, self.pairs, (n, 1), generator=g)
+        context = torch.cat([torch.stack([k, v], dim=2).reshape(n, -1), k.gather(1, asked)], dim=1)
+        return _read_out_last(context, self.vocab_size - 1, v.gather(1, asked)[:, 0])
+
+
+@dataclass(frozen=True)
+class MaxRetrieval:
+    """``x_1 .. x_n ?``: n items drawn uniformly from `values` ordered tokens; the answer is the largest."""
+
+    items: int = 16
+    values: int = 64
+
+    @property
+    def vocab_size(self) -> int:
+        return self.values + 1
+
+    @property
+    def length(self) -> int:
+        return self.items + 1
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        x = torch.randint(0, self.values, (n, self.items), generator=_generator(seed))
+        return _read_out_last(x, self.values, x.max(dim=1).values)
+
+
+@dataclass(frozen=True)
+class Passkey:
+    """Filler with ``marker key`` at a uniform position, then ``query ?``; the answer is the key.
+
+    Token ids: keys 0..K-1, filler K..K+F-1 (drawn uniformly: noise the state must carry
+    the key through), then the marker, the query and the placeholder. `length` counts
+    every token of the row.
+    """
+
+    length: int = 64
+    keys: int = 16
+    filler: int = 16
+
+    def __post_init__(self):
+        if self.length < 5:
+            raise ValueError(f"a passkey row needs at least 5 tokens, not {self.length}")
+
+    @property
+    def marker(self) -> int:
+        return self.keys + self.filler
+
+    @property
+    def vocab_size(self) -> int:
+        return self.marker + 3
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        g = _generator(seed)
+        context = self.keys + torch.randint(0, self.filler, (n, self.length - 1), generator=g)
+        key = torch.randint(0, self.keys, (n,), generator=g)
+        at = torch.randint(0, self.length - 3, (n,), generator=g)  # the marker's position; the key follows it
+        rows = torch.arange(n)
+        context[rows, at] = self.marker
+        context[rows, at + 1] = key
+        context[:, -1] = self.marker + 1  # the query
+        return _read_out_last(context, self.marker + 2, key)
 
 
 # ---------------------------------------------------------------------------------------------
