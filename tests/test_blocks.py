@@ -171,3 +171,18 @@ def test_retrieval_tasks_answer_what_they_say():
     for batch in (recall, biggest, key):  # only the last position is scored, and its answer is not in the input
         assert batch.scored[:, -1].all() and batch.scored.sum() == len(batch.tokens)
         assert (batch.tokens[:, -1] != batch.expected[:, -1]).all()
+
+
+def test_multi_query_recall_with_pair_tokens():
+    task = AssociativeRecall(pairs=5, keys=7, values=6, queries=3, pair_tokens=True)
+    batch = task.sample(40, seed=2)
+    assert batch.tokens.shape == (40, task.length) == (40, 5 + 6) and batch.tokens.max() < task.vocab_size
+    for row, scored in zip(batch.tokens.tolist(), batch.scored.tolist()):
+        pairs = [divmod(t - task.placeholder - 1, task.values) for t in row[:5]]
+        memory = {k: task.keys + v for k, v in pairs}
+        assert len(memory) == 5 and all(0 <= k < task.keys for k in memory)
+        asked = row[5::2]
+        assert len(set(asked)) == 3 and row[6::2] == [memory[k] for k in asked]
+        assert [i for i, s in enumerate(scored) if s] == [6, 8, 10]  # every answer, nothing else
+    with pytest.raises(ValueError, match="queries"):
+        AssociativeRecall(pairs=2, queries=3)

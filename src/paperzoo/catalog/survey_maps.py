@@ -168,8 +168,45 @@ BROADER_ICL = (
            "A rule learned in context applied to a new domain, explained, or written as code."),
 )
 
+EFFICIENT_ATTENTION_SURVEY = (
+    # Sun et al. 2025 (arXiv:2507.19595): linear attention (sec. 2) and sparse attention (sec. 3), then how
+    # pretrained LLMs use them (sec. 4); hardware is discussed within each. The review reads four families (fixed
+    # sparsity, low rank, kernels, learned sparsity); the survey's two categories have no low-rank branch, so
+    # Linformer-style projection along the sequence is not mapped.
+    Branch("Linear attention", "Kernelised linear attention",
+           "A feature map replaces the softmax kernel so keys and values are summed first: linear in length "
+           "(Linear Transformer, Performer, cosFormer).",
+           ("efficient-attention-survey",),
+           "paperzoo.architectures.efficient_attention_survey: elu+1 linear attention and Performer (FAVOR+)."),
+    Branch("Linear attention", "Linear attention with forgetting",
+           "A decay, fixed or input-dependent, on the running state: RetNet, GLA, Mamba and Mamba-2, xLSTM.",
+           ("rnn-state-collapse", "illusion-of-state"),
+           "rnn-state-collapse builds a Mamba-2-style mixer; illusion-of-state a diagonal selective SSM."),
+    Branch("Linear attention", "Linear attention as in-context learner",
+           "The state as fast weights updated by a learning rule at test time: DeltaNet, TTT, Titans."),
+    Branch("Sparse attention", "Fixed-pattern sparse attention",
+           "Each query sees a fixed set of keys: sliding windows, strides, global and sink tokens (Longformer, "
+           "StreamingLLM).",
+           ("efficient-attention-survey",),
+           "paperzoo.architectures.efficient_attention_survey: sliding-window attention, checked against Mistral's."),
+    Branch("Sparse attention", "Block-sparse and routed attention",
+           "A query picks the blocks of keys it attends to, by a learned or estimated score: MoBA, NSA, Quest.",
+           ("mixture-of-recursions", "memory-layers", "lynx-expert-selection"),
+           "None of these routes attention itself: they route tokens through depth (mixture-of-recursions), a query "
+           "to a few of a million memory keys (memory-layers) and tokens to experts (lynx); the same learned sparsity."),
+    Branch("Sparse attention", "Clustering-based sparse attention",
+           "Queries attend within clusters of similar keys: Reformer's hashing, Routing Transformer's k-means."),
+    Branch("Efficient attention in pretrained LLMs", "Uniform efficient models",
+           "Every layer uses the efficient mixer: RWKV, Mamba, RetNet-style models at scale.",
+           ("fftnet-attention",),
+           "fftnet-attention replaces every attention layer by FFT mixing, a mixer the survey does not classify."),
+    Branch("Efficient attention in pretrained LLMs", "Hybrid local-global models",
+           "A few full-attention layers among windowed or linear ones: Jamba, Gemma's local-global layers."),
+)
+
 SURVEY_MAPS: dict[str, tuple[Branch, ...]] = {
     "broader-icl": BROADER_ICL,
+    "efficient-attention-survey": EFFICIENT_ATTENTION_SURVEY,
     "efficient-inference-survey": EFFICIENT_INFERENCE_SURVEY,
     "small-lm-survey": SMALL_LM_SURVEY,
 }

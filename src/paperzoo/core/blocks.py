@@ -52,7 +52,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from paperzoo.core.models import decoder_layers
-from paperzoo.core.tasks import TaskBatch, TaskModelConfig, TaskTraining, task_accuracy
+from paperzoo.core.tasks import TaskBatch, TaskModelConfig, TaskTraining, task_correct
 from paperzoo.core.training import TrainConfig, train
 
 SLOTS = ("mixer", "ffn", "attention_fn", "embedding", "head")
@@ -199,8 +199,9 @@ def compare_blocks(variants: dict[str, Callable[[], nn.Module]], task, training:
     Each model is built right after ``torch.manual_seed(seed)``, so a seed fixes the
     initialisation, the sampled training examples and the batch order. Rows hold
     ``variant, seed, loss`` (held-out, nats per scored token), ``accuracy`` (rows whose
-    every scored token is the greedy prediction), ``params``, ``flops_per_token`` and
-    ``seconds`` (training wall time). `eval_task` evaluates on another task (longer
+    every scored token is the greedy prediction), ``correct`` (that, per held-out row: a
+    bool array, the same rows for every variant of a seed, for paired intervals),
+    ``params``, ``flops_per_token`` and ``seconds`` (training wall time). `eval_task` evaluates on another task (longer
     sequences, held-out templates) instead of fresh samples of `task`.
     """
     rows = []
@@ -216,7 +217,9 @@ def compare_blocks(variants: dict[str, Callable[[], nn.Module]], task, training:
                 steps=training.steps, batch_size=training.batch_size, seq_len=task.length, lr=training.lr,
                 warmup_steps=training.warmup_steps, weight_decay=training.weight_decay),
                 labels=examples.labels, seed=seed, desc=f"{name} on {type(task).__name__}, seed {seed}")
+            seconds = time.perf_counter() - start
+            correct = task_correct(model, held_out)
             rows.append({"variant": name, "seed": seed, "loss": held_out_loss(model, held_out),
-                         "accuracy": task_accuracy(model, held_out), "params": parameter_count(model),
-                         "flops_per_token": flops, "seconds": time.perf_counter() - start})
+                         "accuracy": correct.float().mean().item(), "correct": correct.numpy(),
+                         "params": parameter_count(model), "flops_per_token": flops, "seconds": seconds})
     return rows

@@ -427,31 +427,58 @@ class AssociativeRecall:
 
     Token ids: keys 0..K-1, values K..K+V-1, the placeholder last. Values are drawn
     independently per pair, so a value can repeat and only the key identifies it.
+
+    With ``queries`` > 1 the row asks several keys (distinct, in random order) and each answer
+    is written into the input after its query, ``q_1 a_1 q_2 a_2 ..``, every answer scored:
+    multi-query associative recall (Zoology, arXiv:2312.04927), many signals per row, for
+    causal models only (a non-causal mixer would see the answers).
+
+    With ``pair_tokens`` each pair is one token ``(k, v)`` (ids after the placeholder,
+    ``K + V + 1 + k V + v``): recall is then one content-based look-up, which a small model
+    learns in hundreds of steps, where two tokens per pair first need a previous-token
+    circuit to bind each value to its key (thousands of steps at width 64).
     """
 
     pairs: int = 8
     keys: int = 16
     values: int = 16
+    queries: int = 1
+    pair_tokens: bool = False
 
     def __post_init__(self):
         if self.pairs > self.keys:
             raise ValueError(f"{self.pairs} pairs need at least as many keys, not {self.keys}")
+        if not 1 <= self.queries <= self.pairs:
+            raise ValueError(f"queries must be between 1 and the number of pairs ({self.pairs}), not {self.queries}")
+
+    @property
+    def placeholder(self) -> int:
+        return self.keys + self.values
 
     @property
     def vocab_size(self) -> int:
-        return self.keys + self.values + 1
+        return self.placeholder + 1 + (self.keys * self.values if self.pair_tokens else 0)
 
     @property
     def length(self) -> int:
-        return 2 * self.pairs + 2
+        return (1 if self.pair_tokens else 2) * self.pairs + 2 * self.queries
 
     def sample(self, n: int, seed: int) -> TaskBatch:
         g = _generator(seed)
         k = torch.rand(n, self.keys, generator=g).argsort(dim=1)[:, : self.pairs]  # distinct keys per row
         v = self.keys + torch.randint(0, self.values, (n, self.pairs), generator=g)
-        asked = torch.randint(0, self.pairs, (n, 1), generator=g)
-        context = torch.cat([torch.stack([k, v], dim=2).reshape(n, -1), k.gather(1, asked)], dim=1)
-        return _read_out_last(context, self.vocab_size - 1, v.gather(1, asked)[:, 0])
+        asked = torch.rand(n, self.pairs, generator=g).argsort(dim=1)[:, : self.queries]
+        if self.pair_tokens:
+            pairs = self.placeholder + 1 + k * self.values + (v - self.keys)
+        else:
+            pairs = torch.stack([k, v], dim=2).reshape(n, -1)
+        if self.queries == 1:
+            return _read_out_last(torch.cat([pairs, k.gather(1, asked)], dim=1), self.placeholder,
+                                  v.gather(1, asked)[:, 0])
+        tokens = torch.cat([pairs, torch.stack([k.gather(1, asked), v.gather(1, asked)], dim=2).reshape(n, -1)], dim=1)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, pairs.shape[1] + 1::2] = True
+        return TaskBatch(tokens, scored)
 
 
 @dataclass(frozen=True)
@@ -543,8 +570,8 @@ class TaskTraining:
 
 
 @torch.no_grad()
-def task_accuracy(model, batch: TaskBatch, chunk: int = 512) -> float:
-    """Share of rows whose every scored token is the model's greedy (teacher-forced) prediction."""
+def task_correct(model, batch: TaskBatch, chunk: int = 512) -> torch.Tensor:
+    """[n] bool: the row's every scored token is the model's greedy (teacher-forced) prediction."""
     was_training = model.training
     model.eval()
     right = []
@@ -555,7 +582,12 @@ def task_accuracy(model, batch: TaskBatch, chunk: int = 512) -> float:
         predictions = torch.cat([part.tokens[:, :1], logits[:, :-1].argmax(-1)], dim=1)  # position t from prefix < t
         right.append(part.correct(predictions))
     model.train(was_training)
-    return torch.cat(right).float().mean().item()
+    return torch.cat(right)
+
+
+def task_accuracy(model, batch: TaskBatch, chunk: int = 512) -> float:
+    """Share of rows whose every scored token is the model's greedy (teacher-forced) prediction."""
+    return task_correct(model, batch, chunk).float().mean().item()
 
 
 def task_source(task) -> str:
