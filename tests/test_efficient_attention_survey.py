@@ -24,13 +24,17 @@ def softmax_attention(q, k, v, scaling):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
-def test_linear_attention_by_prefix_sums_equals_its_masked_quadratic_form():
-    q, k, v = qkv()
+@pytest.mark.parametrize("d", [4, D])  # T > d: the running state; T <= d: the masked quadratic form
+def test_linear_attention_by_prefix_sums_equals_its_masked_quadratic_form(d):
+    q, k, v = (x[..., :d] for x in qkv())
     phi_q, phi_k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
-    weights = (phi_q @ phi_k.transpose(-1, -2)).tril()
-    expected = ((weights / weights.sum(-1, keepdim=True)) @ v).transpose(1, 2)
+    expected = torch.zeros(B, H, T, d)
+    for t in range(T):  # the definition, one position at a time
+        S = torch.einsum("bhsf,bhse->bhfe", phi_k[:, :, : t + 1], v[:, :, : t + 1])
+        z = phi_k[:, :, : t + 1].sum(2)
+        expected[:, :, t] = torch.einsum("bhf,bhfe->bhe", phi_q[:, :, t], S) / (phi_q[:, :, t] * z).sum(-1, keepdim=True)
     out, _ = linear_attention(None, q, k, v, None)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [1, 3, T])
@@ -80,12 +84,12 @@ def test_every_rule_is_causal_inside_a_model(fn):
 
 
 def test_flop_counts():
-    q, k, v = qkv()
+    q, k, v = (x[..., :4] for x in qkv())  # T > d: the running state, the form the count describes
     with FlopCounterMode(display=False) as counter:
         linear_attention(None, q, k, v, None)
     # torch counts the read-out phi(q)^T S (a matmul, 2 F d per token); the state update phi(k) v^T plus its
     # running sum (F d multiplies and F d adds) is elementwise and uncounted: half the rule's 4 F d.
-    assert counter.get_total_flops() == attention_flops("linear", T, D) / 2 * B * H * T
+    assert counter.get_total_flops() == attention_flops("linear", T, 4) / 2 * B * H * T
     assert attention_flops("window", 100, D, window=100) == attention_flops("softmax", 100, D)
     assert attention_flops("window", 10_000, D, window=8) < attention_flops("window", 10_000, D, window=16) < 4 * D * 16
     assert attention_flops("softmax", 2048, D) == 2 * attention_flops("softmax", 1024, D) - 2 * D

@@ -78,7 +78,16 @@ def sliding_window_attention(window: int):
 
 
 def _causal_kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """o_t = phi(q_t)^T S_t / phi(q_t)^T z_t with S_t, z_t the prefix sums of phi(k_s) v_s^T and phi(k_s)."""
+    """o_t = phi(q_t)^T S_t / phi(q_t)^T z_t with S_t, z_t the prefix sums of phi(k_s) v_s^T and phi(k_s).
+
+    Two exact forms of the same sum: the running state (linear in T, T F d_v memory) for long
+    sequences, and the masked quadratic form (phi(Q) phi(K)^T, lower triangle) when T is
+    below the feature count, where it is the cheaper of the two.
+    """
+    T, features = phi_q.shape[-2], phi_q.shape[-1]
+    if T <= features:
+        weights = (phi_q @ phi_k.transpose(-1, -2)).tril()  # [B, H, T, T]: phi(q_t) . phi(k_s), s <= t
+        return ((weights @ value) / weights.sum(-1, keepdim=True)).transpose(1, 2).contiguous()
     S = torch.einsum("bhsf,bhse->bhsfe", phi_k, value).cumsum(2)  # [B, H, T, features, d_v]
     z = phi_k.cumsum(2)  # [B, H, T, features]
     numerator = torch.einsum("bhtf,bhtfe->bhte", phi_q, S)
