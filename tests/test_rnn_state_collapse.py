@@ -1,5 +1,7 @@
 """Tests for paperzoo.architectures.rnn_state_collapse (Stuffed Mamba, arXiv:2410.07145)."""
 
+import math
+
 import pytest
 import torch
 
@@ -145,3 +147,28 @@ def test_calibrated_state_norm_caps_longer_inputs_at_the_training_norm():
     assert (capped <= p + 1e-9).all()
     with pytest.raises(ValueError):
         StateFix(state_norm=True, window=3)
+
+
+class _CopyModel(torch.nn.Module):
+    """Predicts "the next token repeats this one", with confidence 5 before position `until` and none after."""
+
+    def __init__(self, vocab, until):
+        super().__init__()
+        self.vocab, self.until = vocab, until
+
+    def forward(self, input_ids):
+        strength = 5.0 * (torch.arange(input_ids.shape[1]) < self.until)
+        logits = torch.nn.functional.one_hot(input_ids, self.vocab).double() * strength[None, :, None]
+        return type("Out", (), {"logits": logits})()
+
+
+def test_long_and_in_length_compare_the_same_tokens_with_long_and_cut_histories():
+    from paperzoo.experiments.architectures.rnn_state_collapse import long_and_in_length
+
+    T, V = 8, 11
+    blocks = torch.arange(3)[:, None].repeat(1, 4 * T) + 2  # each row repeats one token
+    right = torch.nn.functional.cross_entropy(torch.tensor([[5.0] + [0.0] * (V - 1)]), torch.tensor([0])).item()
+    steady = long_and_in_length(_CopyModel(V, 10**6), blocks, T)  # a model unaffected by history length
+    assert steady["long"] == pytest.approx(steady["in"]) and steady["in"] == pytest.approx([right] * 3)
+    broken = long_and_in_length(_CopyModel(V, T), blocks, T)  # breaks past T: long tokens lose, pieces do not
+    assert broken["long"] == pytest.approx([math.log(V)] * 3) and broken["in"] == pytest.approx([right] * 3)
