@@ -49,3 +49,6 @@ def test_the_readme_python_example_runs(arch, smoke_lm, tmp_path, monkeypatch, c
     assert reloaded.config.num_hidden_layers == 2
     assert report.candidates and set(report.verified) <= set(report.candidates)
     assert capsys.readouterr().out.strip().startswith("[")  # the printed token list
+    model = namespace["model"]
+    assert model.config._attn_implementation == "adaptive_temperature_attention"
+    assert torch.isfinite(namespace["sharper"]).all()
