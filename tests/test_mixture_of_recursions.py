@@ -181,3 +181,19 @@ def test_parameters_kv_and_config_checks():
         RecursionConfig(capacities=(1 / 3, 2 / 3, 1.0))
     with pytest.raises(ValueError):
         model(layers=7)
+
+
+@torch.no_grad()
+def test_the_experiments_gate_control_is_fixed_recursion_with_mor_gates():
+    """The reported "fixed + gate" arm: every token at every recursion, each update scaled by a sigmoid gate."""
+    from paperzoo.experiments.architectures import mixture_of_recursions as experiment
+
+    s = experiment.SCALES["smoke"]
+    fixed, gated = experiment.build("fixed", s).eval(), experiment.build(experiment.GATED, s)
+    gated.load_state_dict(fixed.state_dict(), strict=False)
+    x = torch.randint(s["vocab"], (2, s["seq_len"]), generator=torch.Generator().manual_seed(0))
+    for training in (True, False):
+        assert (gated.train(training)(x).depths == s["recursions"]).all()
+    assert not torch.allclose(gated(x).logits, fixed(x).logits, atol=1e-3)  # gates of about 1/2 at initialisation
+    unit_gates(gated)
+    assert torch.allclose(gated(x).logits, fixed(x).logits, atol=1e-5)

@@ -1,7 +1,7 @@
-"""Reproduction of 2507.10524 (Mixture-of-Recursions) at equal training FLOPs on the embedded corpus.
+r"""Reproduction of 2507.10524 (Mixture-of-Recursions) at equal training FLOPs on the embedded corpus.
 
-Four language models are trained from scratch on the same token blocks in the same batch
-order, at an equal training-FLOP budget:
+Four language models -- the claim's arms -- and one reported control are trained from
+scratch on the same token blocks in the same batch order, at an equal training-FLOP budget:
 
 - **vanilla**: a Llama of L layers;
 - **fixed recursion**: Middle-Cycle sharing of the same config (unique first and last
@@ -11,6 +11,13 @@ order, at an equal training-FLOP budget:
   (`paperzoo.architectures.mixture_of_recursions`). They spend fewer FLOPs per token, so at
   the equal budget they take proportionally more steps (the paper's Table 3 trains MoR
   on more tokens for the same FLOPs).
+- **fixed + gate** (reported, never checked): fixed recursion whose every recursion is
+  scaled by MoR's expert-choice sigmoid gate, $H^{r+1} = H^r + \sigma(\theta_r^\top H^r) f(H^r)$
+  (expert-choice with every capacity 1). MoR's gate halves each block update at
+  initialisation and lets the model learn per-token update sizes; the paper's recursive
+  baseline has no gate. The gap between fixed and fixed + gate, and between fixed + gate
+  and MoR (`gate_effect`), shows how much of MoR's lead over fixed recursion the gate
+  alone could explain and how much the routing adds.
 
 The measure is the paper's: language-model validation loss (nats per token) on held-out
 blocks of the embedded corpus (the standard-library docstrings), tokenized by paperzoo's
@@ -25,10 +32,29 @@ Set-up choices, and how each was made:
   layers unique, so the predicate's "under 40% of vanilla's unique parameters" needs
   L >= 23 at N_r = 3 but only L = 14 at N_r = 4 (5/14 = 36%; the paper's 360M model with
   N_r = 3 and 32 layers has 37.5%). The paper reports N_r = 2, 3 and 4. Capacities are the
-  paper's (1, 3/4, 1/2, 1/4).
-- width 64, 2 heads, 64-token blocks in batches of 8, lr 3e-3 (the base LM's) with 30
-  warm-up steps, cosine decay: fixed before any run; the vanilla step count at `small`
-  (`steps`) was set from the wall-time budget and the vanilla precondition only.
+  paper's (1, 3/4, 1/2, 1/4). Fixed before any run.
+- width 64, 2 heads, vocabulary 1,024: fixed before any run.
+- block length, batch, steps and learning rate at `small` were chosen by training the
+  **vanilla arm alone** (seed 0; no MoR or fixed-recursion arm was built or trained while
+  choosing, and no check was evaluated), against the precondition and the CPU budget. An
+  earlier calibration of this experiment (64-token blocks, batch 8, lr 3e-3, 240 vanilla
+  steps) had been seen, MoR's numbers included; it failed the precondition (vanilla 0.52
+  nats below unigram), which is what prompted this re-choice, and its MoR numbers played
+  no part in it. Vanilla's gap to the unigram cross-entropy (nats, seed 0) per set-up tried:
+  64-token blocks, batch 8, 280 steps: lr 1.5e-3 0.47, 3e-3 0.64, 6e-3 0.68, 1e-2 0.52,
+  2e-2 0.25; batch 16, 150 steps, lr 3e-3: 0.26; batch 4, 560 steps, lr 6e-3: 0.96;
+  32-token blocks, batch 8, 560 steps: lr 4e-3 0.94, 6e-3 1.00, 8e-3 0.80, and 430 steps at
+  lr 6e-3: 0.68. Vocabulary 512 (0.82 / 0.77) or 2,048 (0.68), tied embeddings (0.21) and a
+  3x larger initialisation (0.70) did worse and were dropped. Steps, not tokens, limit this
+  14-layer model, so the shortest sensible blocks (32 tokens: k_r = 32, 24, 16, 8) buy the
+  most steps per CPU second; lr 6e-3 was the best of the grid; 640 vanilla steps (64 of
+  warm-up, cosine decay) were read off the 430 -> 560-step curve as enough to clear the
+  1-nat precondition with a margin (in the three-seed run they did on seeds 0 and 1,
+  1.09 and 1.07 nats, not on seed 2, 0.92; left unchanged since, as MoR's results had
+  then been seen). Cost: about 4 to 4.5 minutes of CPU per seed on one
+  thread with all five arms (the fixed + gate arm is about a fifth of it), over the
+  3-minute target: the 40%-unique configuration does not fit 3 minutes with a learning
+  control here.
 - gate scale alpha = 1, auxiliary BCE weight 0.1, balancing weight 0.1 (the token-choice
   default of the ports of the official code); the expert-choice causal predictor is the
   separate auxiliary router, trained on the detached state so its loss never touches the LM.
@@ -37,7 +63,8 @@ Set-up choices, and how each was made:
 
 Margins: the loss comparisons are paired percentile-bootstrap intervals over validation
 blocks within a seed (`core.margins`); the parameter ratio is exact. The seed varies the
-initialisation of all four models and the batch order (shared by the four arms).
+initialisation of all five models and the batch order (shared by the five arms).
+`cpu_seconds` records each arm's and the whole seed's CPU time (`time.process_time`).
 """
 
 from __future__ import annotations
@@ -118,8 +145,8 @@ SEED_VARIES = ("the initialisation of the four models and the order of training 
 SCALES = {
     "smoke": dict(hidden=32, layers=6, recursions=4, heads=2, vocab=1024, seq_len=32, batch=4, steps=6, lr=3e-3,
                   warmup=2, val_blocks=16),
-    "small": dict(hidden=64, layers=14, recursions=4, heads=2, vocab=1024, seq_len=64, batch=8, steps=240, lr=3e-3,
-                  warmup=30, val_blocks=256),
+    "small": dict(hidden=64, layers=14, recursions=4, heads=2, vocab=1024, seq_len=32, batch=8, steps=640, lr=6e-3,
+                  warmup=64, val_blocks=256),
     "large": dict(hidden=128, layers=14, recursions=4, heads=4, vocab=4096, seq_len=128, batch=16, steps=2000,
                   lr=2e-3, warmup=100, val_blocks=512),
 }
@@ -207,7 +234,7 @@ def run(ctx: RunContext) -> Outcome:
             metrics["unique_parameters"][name] = unique
             metrics["seconds"][name] = history["seconds"]
             metrics["final_train_loss"][name] = float(np.mean(history["train_loss"][-20:]))
-            metrics["cpu_seconds"][name] = time.process_time() - arm_start  # updated below for the arms with more to do
+            metrics["cpu_seconds"][name] = time.process_time() - arm_start
             if depths is None:  # vanilla: every token, every layer
                 metrics["kv_bytes_per_sequence"][name] = s["layers"] * s["seq_len"] * kv_bytes_per_entry
                 metrics["mean_depth"][name] = None
