@@ -14,18 +14,19 @@ quadratic, although the rule needs only N x w (`attention_flops`); the survey's 
 the rule's cost, which the experiment reads from `attention_flops`. Lengths where the
 dense window would need more than 4 GB are skipped.
 Measured here (alone on the machine, AMD EPYC, 2026-12-05), time / peak MB against SDPA's
-1.00x / 0.0-0.6 MB:
+1.00x / 0.1-0.6 MB:
 
 | N | window 8 (dense) | linear | Performer 64 |
 |---|---|---|---|
-| 256 | 2.31x / 8.5 | 12.8x / 9.0 | 20.9x / 18.7 |
-| 1,024 | 3.39x / 25 | 4.64x / 21 | 16.3x / 45 |
-| 4,096 | 13.3x / 296 | 4.57x / 74 | 9.09x / 152 |
-| 16,384 | skipped | 1.23x / 281 | 2.54x / 582 |
+| 256 | 2.20x / 8.1 | 1.73x / 7.1 | 3.13x / 10.5 |
+| 1,024 | 6.75x / 24 | 0.55x / 7.9 | 1.04x / 13.6 |
+| 4,096 | 13.2x / 296 | 0.22x / 13.7 | 0.47x / 24.6 |
+| 16,384 | skipped | 0.06x / 34.7 | 0.10x / 69.5 |
 
-The linear rules' running state is materialised for every position (N x F x d floats), so
-they approach SDPA's time only at 16k and hold far more memory than its fused kernel: a
-chunked scan would keep one state per chunk. These are reference implementations, not kernels.
+The kernel rules run in chunks of 64 (`_causal_kernel_attention`); their memory is the
+feature maps phi(q), phi(k) of every position plus one state per head. An earlier version
+materialised the state at every position (N x F x d floats): 1.23x and 2.54x SDPA's time
+at 16k, with 281 and 582 MB.
 Run: OMP_NUM_THREADS=1 python benchmarks/attention_rules.py
 """
 

@@ -28,9 +28,9 @@ projections and rotary positions, so a swap changes only the attention rule:
 
 `attention_flops(kind, n, d, ...)` is each rule's cost per token per head at context n
 (multiply-adds counted as 2 FLOPs, causal average over positions): what each rule needs, not
-what the dense reference code here spends (the window is computed as a masked full matrix).
-It is the experiment's cost axis; a test checks the kernel rules' count against torch's FLOP
-counter run on `linear_attention`.
+what the reference code here spends (the window is computed as a masked full matrix; the
+kernel rules in chunks of 64, a constant factor on the running-state count). It is the
+experiment's cost axis.
 
 Deviations: the survey has no algorithm or constants of its own; the representatives and
 their settings are ours. Low-rank projection along the sequence (Linformer), which the
@@ -77,22 +77,28 @@ def sliding_window_attention(window: int):
     return attention
 
 
-def _causal_kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _causal_kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor,
+                             chunk: int = 64) -> torch.Tensor:
     """o_t = phi(q_t)^T S_t / phi(q_t)^T z_t with S_t, z_t the prefix sums of phi(k_s) v_s^T and phi(k_s).
 
-    Two exact forms of the same sum: the running state (linear in T, T F d_v memory) for long
-    sequences, and the masked quadratic form (phi(Q) phi(K)^T, lower triangle) when T is
-    below the feature count, where it is the cheaper of the two.
+    Computed chunk by chunk (the chunked form of linear attention): within a chunk of C
+    positions the masked quadratic form phi(Q) phi(K)^T (lower triangle), across chunks one
+    running state S, z carried from the chunks before. Time O(T C F) and memory O(C^2 + F d_v)
+    per head: linear in T, with no per-position state.
     """
-    T, features = phi_q.shape[-2], phi_q.shape[-1]
-    if T <= features:
-        weights = (phi_q @ phi_k.transpose(-1, -2)).tril()  # [B, H, T, T]: phi(q_t) . phi(k_s), s <= t
-        return ((weights @ value) / weights.sum(-1, keepdim=True)).transpose(1, 2).contiguous()
-    S = torch.einsum("bhsf,bhse->bhsfe", phi_k, value).cumsum(2)  # [B, H, T, features, d_v]
-    z = phi_k.cumsum(2)  # [B, H, T, features]
-    numerator = torch.einsum("bhtf,bhtfe->bhte", phi_q, S)
-    denominator = (phi_q * z).sum(-1, keepdim=True)
-    return (numerator / denominator).transpose(1, 2).contiguous()
+    B, H, T, features = phi_q.shape
+    S = phi_q.new_zeros(B, H, features, value.shape[-1])
+    z = phi_q.new_zeros(B, H, features)
+    out = []
+    for start in range(0, T, chunk):
+        q, k, v = (x[:, :, start:start + chunk] for x in (phi_q, phi_k, value))
+        within = (q @ k.transpose(-1, -2)).tril()  # [B, H, C, C]: phi(q_t) . phi(k_s), s <= t in the chunk
+        numerator = within @ v + q @ S
+        denominator = within.sum(-1, keepdim=True) + (q * z[:, :, None]).sum(-1, keepdim=True)
+        out.append(numerator / denominator)
+        S = S + k.transpose(-1, -2) @ v
+        z = z + k.sum(2)
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()
 
 
 def linear_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
