@@ -19,7 +19,8 @@ projections and rotary positions, so a swap changes only the attention rule:
 - **Kernelised linear attention** (Katharopoulos et al. 2020): `linear_attention`. With
   $\phi(x) = \operatorname{elu}(x) + 1$,
   $o_t = \phi(q_t)^\top S_t / \phi(q_t)^\top z_t$, $S_t = \sum_{s \le t} \phi(k_s) v_s^\top$,
-  $z_t = \sum_{s \le t} \phi(k_s)$: prefix sums, linear in T.
+  $z_t = \sum_{s \le t} \phi(k_s)$: prefix sums, computed in chunks of 64 (the masked
+  quadratic form within a chunk, one state carried across chunks), linear in T.
 - **Random-feature softmax kernels** (Performer, FAVOR+): `performer_attention(m)`. Positive
   features $\phi(x) = \exp(W x - \lVert x\rVert^2 / 2) / \sqrt{m}$, rows of W drawn from
   $N(0, I)$ and orthogonalised in blocks, so that $E[\phi(q)^\top \phi(k)] = \exp(q \cdot k)$ for the
