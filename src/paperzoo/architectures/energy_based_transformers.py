@@ -8,20 +8,32 @@ A Transformer++ maps a context to next-token logits in one forward pass. An EBT 
 learns a scalar **energy** $E_\theta(x_{\le t}, \hat y_{t+1})$ of the context and a
 *candidate* prediction, and predicts by gradient descent on the candidate (Sec. 3).
 For text the candidate is a vector of logits $\hat y \in \mathbb{R}^V$; the model reads
-it as the distribution's expected embedding, $\mathrm{softmax}(\hat y)\,W_{\mathrm{emb}}$
+the distribution $p = \mathrm{softmax}(\hat y)$ as its expected embedding, $p\,W_{\mathrm{emb}}$
 (``vocab_to_embed_uses_prob_dist`` in the official code). Starting from random logits,
+each step differentiates the energy with respect to the distribution and steps on it
+(``step_space="probabilities"``, the official ``normalize_initial_condition`` path of
+``model/nlp/ebt.py``):
 
-$$\hat y_0 \sim \mathcal N(0, \sigma_0^2 I),\qquad
-  \hat y_{i+1} = \hat y_i - \alpha\, \nabla_{\hat y}\, E_\theta(x_{\le t}, \hat y_i),\qquad i = 0..K-1,$$
+$$\hat y_0 \sim \mathcal N(0, \sigma_0^2 I),\qquad p_i = \mathrm{softmax}(\hat y_i),\qquad
+  \hat y_{i+1} = p_i - \alpha\, \nabla_{p}\, E_\theta(x_{\le t}, p_i),\qquad i = 0..K-1,$$
 
-with a learnable step size $\alpha$ and $K = 2$ (the paper's System-1 setting). Training
-is *through* the optimisation: every step's logits are scored against the true next
-token and the losses averaged,
+with a learnable step size $\alpha$ and $K = 2$ (the paper's System-1 setting). The result
+of the step is not a distribution: it is used as is as the next step's logits (and as the
+prediction's logits), so a step of size 0 maps logits $\hat y$ to logits $p$. Because $E$
+reads $p$ linearly through $W_{\mathrm{emb}}$, $\nabla_p E$ is an embedding row dotted with
+$\partial E / \partial (pW)$: every vocabulary entry moves on the same scale.
+``step_space="logits"`` instead steps on the logits as the paper's equations read,
+$\hat y_{i+1} = \hat y_i - \alpha \nabla_{\hat y} E$, where
+$\nabla_{\hat y} E = p \odot (\nabla_p E - p^\top \nabla_p E)$ scales each entry's move by
+its own $p_v$ (about $1/V$ from a random start).
+
+Training is *through* the optimisation: every step's logits are scored against the true
+next token and the losses averaged,
 
 $$\mathcal L = \frac1K \sum_{i=1}^{K} \mathrm{CE}\big(\hat y_i,\ x_{t+1}\big),$$
 
 so $\theta$ (and $\alpha$) learn a landscape whose gradient steps land on the data: the
-second-order term $\partial \nabla_{\hat y} E / \partial \theta$ is what trains the energy.
+second-order term $\partial \nabla E / \partial \theta$ is what trains the energy.
 
 **How the candidate enters the sequence** (the paper's autoregressive EBT, Sec. 3 and
 App. C; the official ``ar_ebt_default.py``): the decoder reads $2T$ embeddings, the $T$
@@ -35,10 +47,10 @@ $E_t$. Because no energy reads another position's candidate, $\nabla_{\hat y_t} 
 
 Regularisers of the energy landscape (Sec. 3.3; the System-2 recipe), all off by default:
 Langevin noise $\hat y_i \leftarrow \hat y_i + \eta,\ \eta \sim \mathcal N(0, \sigma^2)$
-before each step; random step sizes $\alpha \sim U[\alpha/s, \alpha s]$ per position;
-a random number of steps $K + U\{0..r\}$ per batch; a replay buffer whose rows restart
-from the logits a previous batch ended with, so the landscape is trained further along
-the optimisation path.
+on the logits before each step (before the softmax, where the official code adds it);
+random step sizes $\alpha \sim U[\alpha/s, \alpha s]$ per position; a random number of
+steps $K + U\{0..r\}$ per batch; a replay buffer whose rows restart from the logits a
+previous batch ended with, so the landscape is trained further along the optimisation path.
 
 Inference (System-2 thinking, Sec. 4.2): more steps than trained, and/or $n$ random
 initial candidates optimised in parallel, keeping per position the one of lowest final
@@ -51,10 +63,13 @@ the HF causal-LM convention: ``forward(input_ids, labels=None)`` returns ``.logi
 
 Deviations from the paper and its code:
 
-- The gradient is taken with respect to the logits $\hat y$ and the step updates the
-  logits, as the paper's equations read. The official NLP code differentiates with
-  respect to the normalised distribution $\mathrm{softmax}(\hat y)$ and subtracts that
-  gradient from the distribution, whose result becomes the next step's logits.
+- ``step_space="logits"`` (an option; the default follows the official code) steps on
+  the logits as the paper's equations read, not on the distribution.
+- The candidate is embedded by the input embedding, $p\,W_{\mathrm{emb}}$ (the official
+  ``vocab_to_embed_uses_prob_dist`` option); the official NLP scripts leave that option off
+  and embed $p$ with a separate linear map $V \to d$.
+- ``final_step_loss`` keeps the second-order graph of every step; the official
+  ``truncate_mcmc`` takes the earlier steps' gradients first-order only.
 - ``.loss`` is the training objective (mean CE over the steps) in ``train()`` mode and
   the final step's CE in ``eval()`` mode -- the validation number the paper reports.
 - In ``eval()`` mode the initial candidates are a fixed, seeded draw (``eval_seed``),
@@ -73,6 +88,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +99,8 @@ from transformers import AutoModel, PretrainedConfig
 @dataclass(frozen=True)
 class EBTConfig:
     steps: int = 2  # K, gradient steps on the candidate, trained through
-    alpha: float = 1.0  # initial step size
+    step_space: Literal["probabilities", "logits"] = "probabilities"  # what is differentiated and stepped on
+    alpha: float = 500.0  # initial step size (official System-1 NLP script: 500; System-2: 5, fixed)
     learn_alpha: bool = True
     init_std: float = 1.0  # sigma_0 of the random initial logits
     detach: bool = True  # cut the graph between steps (official System-1 default); False backpropagates the whole unroll
@@ -98,6 +115,8 @@ class EBTConfig:
     def __post_init__(self):
         if self.steps < 1 or self.extra_steps < 0 or self.step_size_scale < 1:
             raise ValueError("need steps >= 1, extra_steps >= 0 and step_size_scale >= 1")
+        if self.step_space not in ("probabilities", "logits"):
+            raise ValueError(f"step_space is 'probabilities' or 'logits', not {self.step_space!r}")
 
 
 @dataclass
@@ -142,20 +161,25 @@ class EnergyBasedTransformer(nn.Module):
         return None  # no LM head: predictions come from the energy's gradient
 
     def energy(self, input_ids: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
-        """E_theta(x_<=t, y_hat_{t+1}) at every t: [B, T] for ids [B, T] and candidate logits [B, T, V]."""
+        """E_theta(x_<=t, softmax(y_hat_{t+1})) at every t: [B, T] for ids [B, T] and candidate logits [B, T, V]."""
+        return self.distribution_energy(input_ids, y_hat.softmax(-1))
+
+    def distribution_energy(self, input_ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """E_theta(x_<=t, p_{t+1}) at every t: [B, T] for ids [B, T] and candidate distributions p [B, T, V]."""
         T = input_ids.shape[1]
         W = self.get_input_embeddings().weight  # [V, D]
         x = self.get_input_embeddings()(input_ids)
-        candidate = y_hat.softmax(-1).to(W.dtype) @ W  # softmax(y_hat) W_emb, [B, T, D]
+        candidate = p.to(W.dtype) @ W  # p W_emb, [B, T, D]
         positions = torch.cat([torch.arange(T), torch.arange(1, T + 1)]).to(input_ids.device)[None]  # candidate t sits at t+1
         h = self.decoder(inputs_embeds=torch.cat([x, candidate], 1), attention_mask=candidate_mask(T, x.dtype, x.device),
                          position_ids=positions, use_cache=False).last_hidden_state
         return self.energy_head(h[:, T:]).squeeze(-1)
 
-    def energy_gradient(self, input_ids: torch.Tensor, y_hat: torch.Tensor, create_graph: bool = False):
-        """(E [B, T], grad_{y_hat} sum_t E_t [B, T, V]); `y_hat` must require grad."""
-        E = self.energy(input_ids, y_hat)
-        (grad,) = torch.autograd.grad(E.sum(), y_hat, create_graph=create_graph)
+    def energy_gradient(self, input_ids: torch.Tensor, v: torch.Tensor, create_graph: bool = False):
+        """(E [B, T], grad_v sum_t E_t [B, T, V]) at the point the step moves: the distribution p in step_space
+        "probabilities", the logits y_hat in "logits". `v` must require grad (or be computed from one that does)."""
+        E = self.distribution_energy(input_ids, v) if self.ebt.step_space == "probabilities" else self.energy(input_ids, v)
+        (grad,) = torch.autograd.grad(E.sum(), v, create_graph=create_graph)
         return E, grad
 
     def initial_logits(self, rows: int, T: int, dtype=torch.float32, candidates: int | None = None) -> torch.Tensor:
@@ -167,7 +191,8 @@ class EnergyBasedTransformer(nn.Module):
 
     def optimise(self, input_ids: torch.Tensor, y_hat: torch.Tensor, steps: int, alpha: torch.Tensor,
                  langevin_std: float = 0.0, create_graph: bool = False):
-        """y_hat_{i+1} = y_hat_i - alpha grad E(x, y_hat_i) for `steps` steps: ([y_hat_1..y_hat_K], [E_0..E_{K-1}])."""
+        """`steps` steps y_hat_{i+1} = v_i - alpha grad_v E(x, v_i), v_i = softmax(y_hat_i) (step_space "probabilities")
+        or y_hat_i ("logits"): ([y_hat_1..y_hat_K], [E_0..E_{K-1}])."""
         ys, energies = [], []
         with torch.enable_grad():  # the steps need gradients even where the caller evaluates under no_grad
             for i in range(steps):
@@ -175,8 +200,9 @@ class EnergyBasedTransformer(nn.Module):
                     y_hat = y_hat.detach().requires_grad_()
                 if langevin_std:
                     y_hat = y_hat + langevin_std * torch.randn_like(y_hat)
-                E, grad = self.energy_gradient(input_ids, y_hat, create_graph=create_graph)
-                y_hat = y_hat - alpha * grad
+                v = y_hat.softmax(-1) if self.ebt.step_space == "probabilities" else y_hat  # noise enters before the softmax
+                E, grad = self.energy_gradient(input_ids, v, create_graph=create_graph)
+                y_hat = v - alpha * grad  # p - alpha grad_p E is the next step's logits, not renormalised
                 if not create_graph:
                     y_hat, E = y_hat.detach(), E.detach()
                 ys.append(y_hat)
@@ -250,5 +276,5 @@ def think(model: EnergyBasedTransformer, input_ids: torch.Tensor, steps: int | N
 
 
 def energy_based_transformer(config: PretrainedConfig, **ebt) -> EnergyBasedTransformer:
-    """An EBT from any Llama-style config: ``energy_based_transformer(config, steps=2, alpha=1.0)``."""
+    """An EBT from any Llama-style config: ``energy_based_transformer(config, steps=2, alpha=500.0)``."""
     return EnergyBasedTransformer(config, EBTConfig(**ebt))
