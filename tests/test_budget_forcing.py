@@ -206,8 +206,9 @@ def test_steps_and_rechecks_by_hand():
     from paperzoo.experiments.decoding.budget_forcing import recheck, steps
 
     assert steps("37+48: 7+8=15 3+4+1=8 so 85\n85-19: 5-9+10=6 8-1-1=6 so 67\n7x=61-12: 1-2+10=9 6-1-1=4 so 49\n"
-                 "x=49/7: 4/7=0r4 49/7=7r0 so 7\n") == [
-        ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True)]
+                 "x=49/7: 4/7=0r4 49/7=7r0 so 7\n12*7: 2*7=14 1*7+1=8 so 84\nx+12=742/7: so 106\n") == [
+        ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True), ("12*7", 84, True),
+        ("742/7", 106, True)]
     trace = "37+48: so 85\n85-19: so 67\nWait, 8-1-1=6, not 8-1-1=7. 85-19: so 66\n66+10: so 76\n"
     assert recheck(trace) == {"rechecked": True, "wrong": 1, "fixed": 1}
     assert recheck("37+48: so 85\n85-19: so 67\nWait 85-19: so 67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
@@ -252,7 +253,7 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smok
     """A row's tokens are the same in a batch as alone, when rows finish at different steps."""
     model, tok = smoke.model, smoke.tokenizer
     last = {}
-    trigger = torch.tensor(ids(tok, "="))
+    trigger = torch.tensor(ids(tok, "= "))  # the untrained smoke model writes spaces in most rows
 
     def remember(module, args, kwargs):
         last["ids"] = kwargs["input_ids"][:, -1]

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from paperzoo.core.reasoner import problems, trace
+from paperzoo.core.reasoner import problems, trace, work_line
 from paperzoo.decoding.mind_evolution import (
     Candidate,
     MindEvolutionConfig,
@@ -198,39 +198,42 @@ def test_proposer_must_return_one_solution_per_request():
 # --------------------------------------------------------------------------- the experiment's checker and predicate
 
 def test_linear_checker_by_hand():
-    q = next(p for p in problems(50, "test", tiers=[EQUATION_TIER - 1]) if "+" in p.question)  # 7x+25=683
-    good = q.solution
-    c = check_linear_solution(q, good)
-    assert c.solved and c.score == 2.0 and len(c.verified) == 2
-    first = q.steps[0]
-    wrong_div = f"{first}\nx=1/1: 1/1=1r0 so 1\n</think>Answer: {q.answer + 1}"
-    c = check_linear_solution(q, wrong_div)
-    a = int(q.question.split("x")[0])
+    q = next(p for p in problems(50, "test", tiers=[1]) if "+" in p.question)  # 7(x+12)=742
+    a = int(q.question.split("(")[0])
+    for k, (work, _) in enumerate(q.paths):  # either path, divide first (2 lines) or expand first (3), scores 3
+        c = check_linear_solution(q, trace(q, path=k))
+        assert c.solved and c.score == 3.0 and c.verified == tuple(work_line(s) for s in work)
+    divide_first = next(work for work, _ in q.paths if work[0].op == "/")
+    first = work_line(divide_first[0])
+    wrong = f"{first}\nx=1-1: 1-1=0 so 0\n</think>Answer: {q.answer + 1}"
+    c = check_linear_solution(q, wrong)
     assert not c.solved and c.verified == (first,)
-    assert math.isclose(c.score, 1 - math.log1p(a))  # residual a*(x+1)+b-c = a
-    assert f"too high by {a}" in c.feedback
+    assert math.isclose(c.score, 3 * 1 / 2 - math.log1p(a))  # half its path; residual a*((x+1)+d)-c = a
+    assert f"too high by {a}" in c.feedback and "should read x=" in c.feedback
     c = check_linear_solution(q, "garbage")
     assert c.score == -10.0 and c.verified == () and "no answer" in c.feedback
-    cands = [Candidate(wrong_div, 1 - math.log1p(a), "", False), Candidate("garbage", -10.0, "", False)]
+    cands = [Candidate(wrong, 1 - math.log1p(a), "", False), Candidate("garbage", -10.0, "", False)]
     assert render_linear(q, cands) == q.prompt + first + "\n"
     assert render_linear(q, []) == q.prompt
     for tier in (EQUATION_TIER - 1, EQUATION_TIER):  # the two-step equations and the chained ones
         for p in problems(20, "test", tiers=[tier]):
             for i in range(3):  # a verbose or reflective trace: the step lines are found, the redone step counts
-                for style in ("terse", "verbose"):
-                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True))
-                    assert c.solved and c.verified == tuple(p.steps)
+                for style, (k, (work, _)) in ((s, kw) for s in ("terse", "verbose") for kw in enumerate(p.paths)):
+                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True, path=k))
+                    assert c.solved and c.verified == tuple(work_line(s) for s in work)
 
 
 def test_linear_checker_verifies_the_chain_in_order():
-    q = problems(1, "test", tiers=[EQUATION_TIER])[0]  # 9x-349=7319-708+402: two chain steps, then two more
-    assert len(q.steps) == 4
+    q = problems(1, "test", tiers=[EQUATION_TIER])[0]  # 9(x-349)=7319-708+402: two chain steps, then its path
+    assert len(q.steps) in (4, 5)
     head, rest = q.steps[0].rsplit(" so ", 1)
     wrong = "\n".join([f"{head} so {int(rest) + 1}", *q.steps[1:]]) + f"\n</think>Answer: {q.answer}"
     c = check_linear_solution(q, wrong)  # a wrong first chain step: nothing after it is verified
     assert c.verified == () and c.solved and f"is not {int(rest) + 1}" in c.feedback
     c = check_linear_solution(q, "\n".join(q.steps[:2]) + "\n</think>Answer: 0")
     assert c.verified == tuple(q.steps[:2]) and "should read" in c.feedback and not c.solved
+    with pytest.raises(ValueError, match="linear equation"):
+        check_linear_solution(problems(1, "test", tiers=[0])[0], "")
 
 
 def _solved(rate, n=60):

@@ -19,7 +19,8 @@ from paperzoo.core import reasoner as T
 
 COLUMN_ADD_SUB = re.compile(r"(\d)([+-])(\d)(?:([+-])1)?(\+10)?=(-?\d+)")
 COLUMN_DIV = re.compile(r"(\d+)/(\d)=(-?\d+)r(\d+)")
-LINE = re.compile(r"(?:(\d)?x=)?(\d+)([-+/])(\d+): (.*) so (\d+)")
+COLUMN_MUL = re.compile(r"(\d)\*(\d)(?:\+(\d))?=(\d+)")
+LINE = re.compile(r"(?:(\d)?x(?:[+-]\d+)?=)?(\d+)([-+*/])(\d+): (.*) so (\d+)")
 
 
 def only(tier, n=150, split="train", seed=0):
@@ -28,7 +29,14 @@ def only(tier, n=150, split="train", seed=0):
 
 
 def by_python(a, op, b):
-    return {"+": a + b, "-": a - b, "/": a / b}[op]
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+
+
+def solve(equation):
+    """The solution of a question or state such as '7(x+12)=742', '7x+84=742' or 'x+12=106', by sympy."""
+    lhs, rhs = equation.split("=")
+    lhs = re.sub(r"(\d)([x(])", r"\1*\2", lhs)
+    return sympy.solve(sympy.Eq(sympy.sympify(lhs), eval(rhs)), sympy.Symbol("x"))
 
 
 def lines_of(text):
@@ -40,6 +48,9 @@ def column_is_true(col):
     if m := COLUMN_DIV.fullmatch(col):
         cur, a, q, r = map(int, m.groups())
         return a * q + r == cur and 0 <= r < a and 0 <= q <= 9
+    if m := COLUMN_MUL.fullmatch(col):
+        x, b, carry, s = (int(g or 0) for g in m.groups())
+        return x * b + carry == s
     m = COLUMN_ADD_SUB.fullmatch(col)
     assert m, col
     lhs, rhs = col.split("=")
@@ -50,7 +61,6 @@ def column_is_true(col):
 
 
 def test_every_tier_answer_is_right_by_python_and_sympy():
-    x = sympy.Symbol("x")
     for tier, spec in enumerate(T.TIERS):
         for p in only(tier) + only(tier, 40, "test"):
             assert p.tier == tier and p.prompt == f"Q: {p.question}\n{R.THINK}"
@@ -60,32 +70,35 @@ def test_every_tier_answer_is_right_by_python_and_sympy():
                 assert spec.ops[0] <= len(operands) - 1 <= spec.ops[1]
                 assert all(spec.digits[0] <= len(o) <= spec.digits[1] for o in operands)
             else:
-                lhs, rhs = p.question.split("=")
-                assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), eval(rhs)), x) == [p.answer]
-                assert len(p.work) == len(re.findall(r"[+-]", p.question)) + 1  # the right side's ops, then two
-                assert spec.ops[0] <= len(p.work) <= spec.ops[1]
-            assert R.is_correct(p, T.trace(p))  # the verifier agrees with the task's own answer
-            assert R.extract_answer(T.trace(p, "verbose")) == p.answer
+                assert solve(p.question) == [p.answer]
+                ops = len(re.findall(r"[+-]", p.question))  # the right side's, and one on the left
+                lengths = sorted(len(work) for work, _ in p.paths)  # bracket: divide first, or expand first
+                assert lengths == ([ops + 1] if spec.kind == "equation" else [ops + 1, ops + 2])
+                assert spec.ops[0] <= lengths[0] <= spec.ops[1]
+            assert len(p.paths) == (2 if spec.kind == "bracket" else 1)
+            for path in range(len(p.paths)):  # the verifier agrees with the task's own answer on every path
+                assert R.is_correct(p, T.trace(p, path=path))
+                assert R.extract_answer(T.trace(p, "verbose", path=path)) == p.answer
 
 
 def test_scratchpad_is_right_line_by_line_and_column_by_column():
     for tier in range(len(T.TIERS)):
-        for p in only(tier, 100):
-            lines = lines_of(T.trace(p))[:-1]
-            assert tuple(lines) == p.steps and len(lines) == len(p.work)
+        for p, path in ((p, path) for p in only(tier, 100) for path in range(len(p.paths))):
+            lines, work = lines_of(T.trace(p, path=path))[:-1], p.paths[path][0]
+            assert len(lines) == len(work) and (path or tuple(lines) == p.steps)
             previous = None
-            for line, step in zip(lines, p.work):
+            for line, step in zip(lines, work):
                 m = LINE.fullmatch(line)
                 a, op, b, cols, stated = int(m[2]), m[3], int(m[4]), m[5].split(" "), int(m[6])
                 assert by_python(a, op, b) == stated
                 assert all(column_is_true(c) for c in cols), line
                 assert previous is None or p.kind != "arithmetic" or a == previous  # a chain continues its value
                 previous = stated
-                if op in "+-":  # the column digits, least significant first, rebuild the result
+                if op in "+-*":  # the column digits, least significant first, rebuild the result
                     digits = [int(c.split("=")[1]) % 10 for c in cols]
-                    carry = int(cols[-1].split("=")[1]) // 10 if op == "+" else 0
+                    carry = int(cols[-1].split("=")[1]) // 10 if op in "+*" else 0
                     assert sum(d * 10 ** i for i, d in enumerate(digits)) + carry * 10 ** len(cols) == stated
-                    width = max(len(str(a)), len(str(b)))
+                    width = len(str(a)) if op == "*" else max(len(str(a)), len(str(b)))
                     assert [c[0] for c in cols] == list(str(a).zfill(width)[::-1])
                 else:  # long division, most significant digit first
                     assert int("".join(c.split("=")[1].split("r")[0] for c in cols)) == stated
@@ -113,8 +126,9 @@ def test_held_out_by_the_v1_rule_and_splits_disjoint():
 
 
 def test_every_possible_error_is_wrong_and_every_correction_right():
-    steps = [s for tier in range(len(T.TIERS)) for p in only(tier, 60) for s in p.work]
-    steps += [T.Step(999, "+", 1), T.Step(1000, "-", 1), T.Step(105, "-", 98), T.Step(99, "/", 9, "x=")]
+    steps = [s for tier in range(len(T.TIERS)) for p in only(tier, 60) for work, _ in p.paths for s in work]
+    steps += [T.Step(999, "+", 1), T.Step(1000, "-", 1), T.Step(105, "-", 98), T.Step(99, "/", 9, "x="),
+              T.Step(99, "*", 9)]
     kinds = set()
     for step in steps:
         errors = T.possible_errors(step)
@@ -130,8 +144,9 @@ def test_every_possible_error_is_wrong_and_every_correction_right():
             assert by_python(int(fixed[2]), fixed[3], int(fixed[4])) == int(fixed[6]) == step.result  # right
             assert (fixed[2], fixed[3], fixed[4]) == (m[2], m[3], m[4])  # the same step, redone
             assert right_col != wrong_col and column_is_true(right_col)
+            assert column_is_true(wrong_col) == (e.kind == "drop")  # a dropped carry is a true sum without it
             stated = int(wrong_col.split("=")[1].split("r")[0])  # a plausible slip: still a digit (0..19 adding)
-            assert 0 <= stated <= (19 if step.op == "+" else 9)
+            assert 0 <= stated <= {"+": 19, "*": 89}.get(step.op, 9)
             assert right_col in redo.split(": ")[1].split(" ") and wrong_col in m[5].split(" ")
     assert kinds == {"drop", "slip"}
     with pytest.raises(ValueError, match="right"):
@@ -142,8 +157,8 @@ def test_reflective_traces_have_one_wrong_step_then_a_fix_and_the_right_answer()
     rng = random.Random(3)
     for tier in range(len(T.TIERS)):
         for p in only(tier, 80):
-            for style in T.STYLES:
-                text = T.trace(p, style, rng, reflect=True)
+            for style, path in ((style, path) for style in T.STYLES for path in range(len(p.paths))):
+                text = T.trace(p, style, rng, reflect=True, path=path)
                 lines = lines_of(text)
                 waits = [i for i, line in enumerate(lines) if line.startswith("Wait")]
                 assert len(waits) == 1 and R.is_correct(p, text)
@@ -154,7 +169,7 @@ def test_reflective_traces_have_one_wrong_step_then_a_fix_and_the_right_answer()
                 assert len(events) == 1 and events[0].on_wrong_step and events[0].fixed
                 assert C.style_of(text) == style
                 assert text.replace(lines[waits[0] - 1] + "\n" + lines[waits[0]], lines[waits[0]].split(". ", 1)[1]) \
-                    == T.trace(p, style)  # without the error and its re-check, the plain trace
+                    == T.trace(p, style, path=path)  # without the error and its re-check, the plain trace
     with pytest.raises(ValueError, match="rng"):
         T.trace(only(0, 1)[0], reflect=True)
 
@@ -164,26 +179,30 @@ def test_reflective_traces_have_one_wrong_step_then_a_fix_and_the_right_answer()
 
 def test_both_styles_parse_and_verbose_checks_are_true():
     for tier in range(len(T.TIERS)):
-        for p in only(tier, 50):
-            terse, verbose = T.trace(p, "terse"), T.trace(p, "verbose")
+        for p, path in ((p, path) for p in only(tier, 50) for path in range(len(p.paths))):
+            terse, verbose = T.trace(p, "terse", path=path), T.trace(p, "verbose", path=path)
+            work = p.paths[path][0]
             assert C.style_of(terse) == "terse" and C.style_of(verbose) == "verbose"
-            assert [C.parse_work(x) for x in lines_of(terse)[:-1]] == [C.parse_work(x) for x in p.steps]
-            assert all(w.right for w in map(C.parse_work, p.steps))
+            terse_lines = lines_of(terse)[:-1]
+            assert path or terse_lines == list(p.steps)
+            assert [C.parse_work(x) for x in terse_lines] == [C.parse_work(T.work_line(s)) for s in work]
+            assert all(C.parse_work(x).right for x in terse_lines)
             vlines = lines_of(verbose)[:-1]
             checks = [x for x in vlines if x.startswith("Check: ")]
-            assert len(checks) == len(p.work) == sum(x.startswith("Step ") for x in vlines)
+            assert len(checks) == len(work) == sum(x.startswith("Step ") for x in vlines)
             for check in checks:  # 'Check: 85-48=37, right.'
                 lhs, rhs = check[len("Check: "):-len(", right.")].split("=")
                 assert eval(lhs) == int(rhs)
-            assert [x for x in vlines if C.parse_work(x)] == list(p.steps)
+            assert [x for x in vlines if C.parse_work(x)] == terse_lines
             states = [x.split(": ", 1)[1] for x in vlines if x.startswith("Step ")]
-            for state, step in zip(states, p.work):  # each restatement is the problem as it stands
+            for state, step in zip(states, work):  # each restatement is the problem as it stands
                 if p.kind == "arithmetic":
                     assert eval(state) == p.answer and state.startswith(f"{step.a}{step.op}{step.b}")
                 else:
-                    lhs, rhs = state.split("=")
-                    assert sympy.solve(sympy.Eq(sympy.sympify(lhs.replace("x", "*x")), eval(rhs))) == [p.answer]
-                    assert state.endswith(f"{step.a}") or f"{step.a}{step.op}{step.b}" in state  # what it works on
+                    assert solve(state) == [p.answer]
+                    works_on = (f"{step.b}(x" in state and f"{step.a})" in state if step.op == "*"  # expands
+                                else state.endswith(f"{step.a}") or f"{step.a}{step.op}{step.b}" in state)
+                    assert works_on, (state, step)
             assert C.thinking_length(verbose) > C.thinking_length(terse)
     with pytest.raises(ValueError, match="style"):
         T.trace(only(0, 1)[0], "chatty")
@@ -198,7 +217,10 @@ def test_training_texts_draw_styles_and_reflection_at_the_stated_shares():
     assert all(t.startswith(p.prompt) for t, p in zip(texts, ps))  # nothing in the prompt marks the style
     assert all(R.is_correct(p, t) for t, p in zip(texts, ps))
     none = T.training_texts(ps[:100], T.TraceMix(0.0, 0.0))
-    assert none == [p.prompt + p.solution for p in ps[:100]]
+    assert all(t in [p.prompt + T.trace(p, path=k) for k in range(len(p.paths))] for t, p in zip(none, ps))
+    two = [p for p in ps if len(p.paths) == 2]
+    first = sum(t == p.prompt + p.solution for t, p in zip(T.training_texts(two, T.TraceMix(0.0, 0.0)), two))
+    assert abs(first / len(two) - 0.5) < 0.05  # either path, half the time each (4 binomial standard errors)
     every = T.training_texts(ps[:100], T.TraceMix(1.0, 1.0))
     assert all(C.style_of(t) == "verbose" and len(C.rechecks(t)) == 1 for t in every)
     with pytest.raises(ValueError, match="verbose_share"):
@@ -349,16 +371,16 @@ def test_card_runs_on_the_smoke_reasoner():
     assert len(card["greedy_accuracy_by_tier"]) == len(T.TIERS) and card["per_problem"]["tier"] == [0, 1, 2, 3]
     assert 0 <= card["pass@1"] <= card["pass@2"] <= 1
     assert card["style"]["terse"]["share"] + card["style"]["verbose"]["share"] == pytest.approx(1)
-    ps = T.ladder_problems(8, "test")  # the default budget: the longest trace and a quarter, within 768 positions
+    ps = T.ladder_problems(8, "test")  # the default budget: the longest trace and a quarter, within 1024 positions
     prompt = max(len(smoke.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) for p in ps)
-    assert C.default_budget(smoke.model, smoke.tokenizer, ps) <= 768 - prompt
+    assert C.default_budget(smoke.model, smoke.tokenizer, ps) <= 1024 - prompt
     longest = max(len(smoke.tokenizer(T.trace(ps[0], "verbose", random.Random(i), True))["input_ids"])
                   for i in range(20))  # room for any reflective verbose trace, and EOS
     assert longest + 1 < C.default_budget(smoke.model, smoke.tokenizer, ps[:1]) < 1.5 * longest
     with pytest.raises(ValueError, match="n must be"):
         C.card(smoke.model, smoke.tokenizer, n=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        C.card(smoke.model, smoke.tokenizer, n=4, max_new_tokens=1000)  # past the 768 positions
+        C.card(smoke.model, smoke.tokenizer, n=4, max_new_tokens=1100)  # past the 1024 positions
 
 
 def test_train_reasoner_smoke_and_the_small_proposal():

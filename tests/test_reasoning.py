@@ -101,9 +101,11 @@ def test_reasoner_is_cached_and_reused(smoke_reasoner):
 def test_sample_greedy_equals_transformers_generate_and_rows_stop_independently(smoke_reasoner):
     """The compacting loop: greedy is generate's greedy token for token, also when rows end (and leave the batch)
     at different steps, and a row's tokens are those it gets alone."""
+    from paperzoo.core.reasoner import REASONERS
     from paperzoo.core.sampling import encode_left_padded
 
-    model, tok = smoke_reasoner.model, smoke_reasoner.tokenizer
+    torch.manual_seed(2)  # a fresh model whose rows write varied tokens (seed 0's rows, and the smoke model's, repeat one)
+    model, tok = REASONERS["smoke"].model.build().eval(), smoke_reasoner.tokenizer
     prompts = [p.prompt for p in problems(8, "test")]
     free = sample(model, tok, prompts, temperature=0, max_new_tokens=30)
     # a stop token the rows reach at different steps: make it EOS, so rows leave the batch one by one

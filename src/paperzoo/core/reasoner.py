@@ -1,4 +1,4 @@
-"""The shared tiny reasoner (version 2): a difficulty ladder, two trace styles, reflective traces.
+"""The shared tiny reasoner (version 3): a difficulty ladder, two solution paths, two trace styles, reflective traces.
 
 Test-time-compute, RL and fine-tuning papers make claims about models that reason step
 by step, are right on easy problems and wrong on hard ones, sometimes catch their own
@@ -15,22 +15,32 @@ recipe search may change):
 ====  ==========  =================================================================
 tier  kind        problem
 ====  ==========  =================================================================
-0     chain       one ``+``/``-`` of two-digit numbers: ``37+48``
-1     chain       two operations on two-digit numbers: ``37+48-19``
-2     equation    two-step equation ``a x +- b = c`` (a one digit, x and b two): ``7x+25=683``
-3     equation    the same with x and b of three digits and a right side that is a chain of two
-                  more operations, four steps in all: ``9x-349=7319-708+402``
+0     chain       two ``+``/``-`` operations on two-digit numbers: ``37+48-19``
+1     bracket     ``a(x +- d) = c`` (a one digit, x and d two): ``7(x+12)=742``
+2     bracket     the same with x and d of three digits and a right side that is a chain of two
+                  more operations: ``9(x-349)=7319-708+402``
+3     bracket     the same with four digits, values up to 99,999: ``8(x-7629)=46384-3110-8378``
 ====  ==========  =================================================================
 
-How the ladder was chosen (on the card, issue 10 A.1 and A.5, never on a paper's
+How the ladder was chosen (on the card, issue 10 A.1, A.2 and A.5, never on a paper's
 verdict): a first version had a chain of 4-5 operations on two- and three-digit numbers
 as its top tier. Trained for 830 steps the reasoner solved it 4% of the time (greedy),
 below the equations (16%); trained for 1600 steps, 92%, far above the equations (42%):
 column addition is one algorithm repeated, which a small transformer learns, while long
-division is not. So the top tier became an equation with a chain on its right side,
-longer than any tier below it and harder than the plain equation. Questions are the v1
-formats (``37+48-19``, ``7x+25=683``), so whether a problem is held out is the v1 rule
-applied to its question (`Problem.held_out`).
+division is not. So the top tiers became equations (version 2: ``7x+25=683``, and the same
+with a chain on its right side). Version 2 met every target but two: overall greedy
+accuracy 0.764 (target at most 0.75) and majority@16 no better than greedy (+0.2 points,
+target +5). Its errors were all in the long division, and a problem's samples followed the
+one path greedy decoding took, so they shared its errors and a vote could not outvote
+them. Version 3 gives the equation tiers **two solution paths**, as a problem solved by a
+person or a reasoning LLM has several: *divide first* (``x+12=742/7``, ``x=106-12``) or
+*expand first* (``12*7``, ``7x=742-84``, ``x=658/7``); each training trace takes one, half
+the time each, and the paths divide different numbers. On the v2 ladder's shape (one- and
+two-operation chains, then the bracket equations of tiers 1 and 2 above) that lifted
+majority@16 over greedy from +0.2 to +4.6 points (tier by tier: 0, 0, +12.8, +5.6), but
+the equations became easier (greedy [1.00, 1.00, 0.78, 0.68], overall 0.866), so the
+one-operation tier was dropped and the four-digit tier added. Questions keep the v1 rule
+for held-out problems (`Problem.held_out` on the question).
 
 **The scratchpad** writes one operation per line, digit by digit in the order a small
 transformer can compute them, then the plain result:
@@ -39,12 +49,16 @@ transformer can compute them, then the plain result:
   ``37+48: 7+8=15 3+4+1=8 so 85``;
 - subtraction, least-significant first; a column that borrows adds ``+10`` and the
   next column subtracts the borrow: ``85-19: 5-9+10=6 8-1-1=6 so 66``;
+- multiplication by one digit, least-significant first, the carry added into the next
+  column: ``12*7: 2*7=14 1*7+1=8 so 84``;
 - division by one digit, long division most-significant first, ``cur/a=q r rem``:
   ``x=684/9: 6/9=0r6 68/9=7r5 54/9=6r0 so 76``.
 
-Missing digits of the shorter operand are written as 0. Equations take two lines,
-``7x=683-25: ... so 658`` and ``x=658/7: ... so 94``. After ``</think>`` the answer is
-plain: ``Answer: 94``.
+Missing digits of the shorter operand are written as 0. A bracket equation's right-side
+chain comes first, then its path: ``x+12=742/7: ... so 106`` and ``x=106-12: ... so 94``, or
+``12*7: ... so 84``, ``7x=742-84: ... so 658`` and ``x=658/7: ... so 94``. (`equation`, the
+v2 kind ``a x +- b = c``, has one path: ``7x=683-25``, then ``x=658/7``.) After ``</think>``
+the answer is plain: ``Answer: 94``.
 
 **Styles.** *terse* is the scratchpad alone. *verbose* restates the state before each
 step (``Step 2 of 3: 85-19+23``) and verifies each result by the inverse operation
@@ -95,6 +109,9 @@ CHECK = "Check:"
 STEP = "Step"
 
 
+CHAIN_CAP = 9999  # by default a chain adds only while the running value stays at most this
+
+
 @dataclass(frozen=True)
 class TierSpec:
     """One rung of the ladder.
@@ -103,29 +120,32 @@ class TierSpec:
     `kind` "equation": ``a x +- b = c`` with a in 2..9 and x, b of `digits` digits, solved in two steps; with
     `ops` above (2, 2), the right side is a chain of `ops - 2` more operations (``7x+25=683-19+244``), worked
     out first.
+    `kind` "bracket": ``a(x +- d) = c`` with a in 2..9 and x, d of `digits` digits, and a right side like an
+    equation's; it has two solution paths (`LadderProblem.paths`): divide first (two steps) or expand first
+    (three steps).
     """
 
     kind: str
     ops: tuple[int, int]
     digits: tuple[int, int]
+    cap: int = CHAIN_CAP  # a chain's values, and an equation's right side, stay at most this
 
     def __post_init__(self):
-        if self.kind not in ("chain", "equation"):
-            raise ValueError(f"kind must be 'chain' or 'equation', not {self.kind!r}")
+        if self.kind not in ("chain", "equation", "bracket"):
+            raise ValueError(f"kind must be 'chain', 'equation' or 'bracket', not {self.kind!r}")
         lo, hi = self.ops
-        if not 1 <= lo <= hi or (self.kind == "equation" and lo < 2):
+        if not 1 <= lo <= hi or (self.kind != "chain" and lo < 2):
             raise ValueError(f"ops must be (low, high) with 1 <= low <= high (2 <= low for an equation), not {self.ops}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 4:
             raise ValueError(f"digits must be (low, high) with 1 <= low <= high <= 4, not {self.digits}")
 
 
 TIERS: tuple[TierSpec, ...] = (
-    TierSpec("chain", (1, 1), (2, 2)),
     TierSpec("chain", (2, 2), (2, 2)),
-    TierSpec("equation", (2, 2), (2, 2)),
-    TierSpec("equation", (4, 4), (3, 3)),
+    TierSpec("bracket", (2, 2), (2, 2)),
+    TierSpec("bracket", (4, 4), (3, 3)),
+    TierSpec("bracket", (4, 4), (4, 4), cap=99_999),
 )
-CHAIN_CAP = 9999  # a chain adds only while the running value stays at most this
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,7 @@ class Step:
     """One line of work: `a op b`, written after `lead` (``7x=``, ``x=`` in equations)."""
 
     a: int
-    op: str  # "+", "-" or "/"
+    op: str  # "+", "-", "*" (by one digit) or "/" (by one digit)
     b: int
     lead: str = ""
 
@@ -143,6 +163,8 @@ class Step:
             return self.a + self.b
         if self.op == "-":
             return self.a - self.b
+        if self.op == "*":
+            return self.a * self.b
         return self.a // self.b
 
     @property
@@ -161,6 +183,12 @@ class LadderProblem(Problem):
     tier: int = 0
     work: tuple[Step, ...] = ()
     states: tuple[str, ...] = ()  # the problem as it stands before each step (restated by the verbose style)
+    others: tuple[tuple[tuple[Step, ...], tuple[str, ...]], ...] = ()  # other solution paths: (work, states) each
+
+    @property
+    def paths(self) -> tuple[tuple[tuple[Step, ...], tuple[str, ...]], ...]:
+        """Every solution path as (work, states); the first is `work`, `states` (what `steps` and `solution` give)."""
+        return ((self.work, self.states), *self.others)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +246,16 @@ def _columns(step: Step, error: ColumnError | None) -> tuple[list[str], int, lis
         elif carry:
             raise ValueError(f"{step.expression} borrows past its last column (a negative result)")
         return cols, value, incoming_flags
+    if step.op == "*":  # by one digit, least-significant column first, the carry written into the next column
+        xs, carry, value = _digits_lsb(step.a, len(str(step.a))), 0, 0
+        for i, x in enumerate(xs):
+            incoming_flags.append(bool(carry))
+            incoming = 0 if hit("drop", i) else carry
+            s = x * step.b + incoming + (error.delta if hit("slip", i) else 0)
+            cols.append(f"{x}*{step.b}{f'+{incoming}' if incoming else ''}={s}")
+            value += (s % 10) * 10 ** i
+            carry = s // 10
+        return cols, value + carry * 10 ** len(xs), incoming_flags
     if step.op == "/":
         rem, quotient = 0, 0
         for i, d in enumerate(int(c) for c in str(step.a)):
@@ -229,7 +267,7 @@ def _columns(step: Step, error: ColumnError | None) -> tuple[list[str], int, lis
             cols.append(f"{cur}/{step.b}={q}r{rem}")
             quotient = quotient * 10 + q
         return cols, quotient, incoming_flags
-    raise ValueError(f"op must be '+', '-' or '/', not {step.op!r}")
+    raise ValueError(f"op must be '+', '-', '*' or '/', not {step.op!r}")
 
 
 def work_line(step: Step, error: ColumnError | None = None) -> str:
@@ -245,7 +283,7 @@ def possible_errors(step: Step) -> list[ColumnError]:
     The result must change and stay >= 0.
     """
     right_cols, right, incoming = _columns(step, None)
-    top = 19 if step.op == "+" else 9
+    top = {"+": 19, "*": 89}.get(step.op, 9)
     out = []
     for i in range(len(right_cols)):
         candidates = [ColumnError("slip", i, -1), ColumnError("slip", i, 1)] + [ColumnError("drop", i)] * incoming[i]
@@ -273,7 +311,7 @@ def reflection_lines(step: Step, error: ColumnError) -> tuple[str, str]:
 def check_line(step: Step) -> str:
     """The verbose style's verification of a step by its inverse operation (always a true statement)."""
     r = step.result
-    inverse = {"+": f"{r}-{step.b}", "-": f"{r}+{step.b}", "/": f"{step.b}*{r}"}[step.op]
+    inverse = {"+": f"{r}-{step.b}", "-": f"{r}+{step.b}", "*": f"{r}/{step.b}", "/": f"{step.b}*{r}"}[step.op]
     return f"{CHECK} {inverse}={step.a}, right."
 
 
@@ -292,7 +330,7 @@ def chain(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
     for _ in range(rng.randint(*spec.ops)):
         b = _operand(rng, spec.digits)
         op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"
-        if value + b > CHAIN_CAP:
+        if value + b > spec.cap:
             op = "-"
         work.append(Step(value, op, b))
         question += f"{op}{b}"
@@ -309,7 +347,7 @@ def equation(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
     plus = rng.random() < 0.5 or a * x - b < 0
     c = a * x + b if plus else a * x - b
     left = f"{a}x{'+' if plus else '-'}{b}="
-    rhs, work, states = _chain_to(rng, c, rng.randint(*spec.ops) - 2, spec.digits), [], []
+    rhs, work, states = _chain_to(rng, c, rng.randint(*spec.ops) - 2, spec.digits, spec.cap), [], []
     expression = rhs[0]
     value = int(expression)
     for op, operand in rhs[1:]:  # the right side's chain first, each step restating what is left
@@ -322,17 +360,45 @@ def equation(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
     return _problem("linear_equation", question, x, work, states, tier)
 
 
-def _chain_to(rng: random.Random, target: int, n: int, digits: tuple[int, int]) -> list:
+def bracket(rng: random.Random, spec: TierSpec, tier: int) -> LadderProblem:
+    """``a(x +- d) = c``: divide first (``x+12=742/7``, ``x=106-12``) or expand first (``12*7``, ``7x=742-84``,
+    ``x=658/7``), after working out the right side's chain."""
+    while True:  # c stays within the chains' range
+        a, d, plus = rng.randint(2, 9), _operand(rng, spec.digits), rng.random() < 0.5
+        x = _operand(rng, spec.digits) if plus else d + _operand(rng, spec.digits)  # so that x - d >= 1
+        inner = x + d if plus else x - d
+        if a * inner <= spec.cap:
+            break
+    c, sign = a * inner, "+" if plus else "-"
+    left = f"{a}(x{sign}{d})="
+    rhs = _chain_to(rng, c, rng.randint(*spec.ops) - 2, spec.digits, spec.cap)
+    chain_work, chain_states, value = [], [], int(rhs[0])
+    for op, operand in rhs[1:]:
+        chain_states.append(left + str(value) + "".join(f"{o}{v}" for o, v in rhs[1 + len(chain_work):]))
+        chain_work.append(Step(value, op, operand))
+        value = chain_work[-1].result
+    question = left + rhs[0] + "".join(f"{o}{v}" for o, v in rhs[1:])
+    divide_first = ((*chain_work, Step(c, "/", a, lead=f"x{sign}{d}="), Step(inner, "-" if plus else "+", d, lead="x=")),
+                    (*chain_states, f"{left}{c}", f"x{sign}{d}={inner}"))
+    expand_first = ((*chain_work, Step(d, "*", a), Step(c, "-" if plus else "+", a * d, lead=f"{a}x="),
+                     Step(a * x, "/", a, lead="x=")),
+                    (*chain_states, f"{left}{c}", f"{a}x{sign}{a * d}={c}", f"{a}x={a * x}"))
+    first, other = (divide_first, expand_first) if rng.random() < 0.5 else (expand_first, divide_first)
+    problem = _problem("linear_equation", question, x, list(first[0]), list(first[1]), tier)
+    return replace(problem, others=(other,))
+
+
+def _chain_to(rng: random.Random, target: int, n: int, digits: tuple[int, int], cap: int = CHAIN_CAP) -> list:
     """[start, (op, operand), ...]: `n` operations of `digits`-digit operands whose running value ends at `target`.
 
-    Drawn backwards from `target`, redrawing an operation that would make a value negative or above `CHAIN_CAP`.
+    Drawn backwards from `target`, redrawing an operation that would make a value negative or above `cap`.
     """
     ops, value = [], target
     while len(ops) < n:
         b = _operand(rng, digits)
         op = "+" if value - b >= 1 and rng.random() < 0.5 else "-"
         before = value - b if op == "+" else value + b
-        if 1 <= before <= CHAIN_CAP:
+        if 1 <= before <= cap:
             ops.append((op, b))
             value = before
     return [str(value)] + ops[::-1]
@@ -347,7 +413,7 @@ def ladder_problem(rng: random.Random, tier: int, tiers: Sequence[TierSpec] = TI
     if not 0 <= tier < len(tiers):
         raise ValueError(f"tier must be in 0..{len(tiers) - 1}, not {tier}")
     spec = tiers[tier]
-    return (chain if spec.kind == "chain" else equation)(rng, spec, tier)
+    return {"chain": chain, "equation": equation, "bracket": bracket}[spec.kind](rng, spec, tier)
 
 
 def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[TierSpec] = TIERS,
@@ -382,17 +448,22 @@ def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[
 
 
 def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-                   reflect: bool = False) -> list[tuple[str, bool]]:
+                   reflect: bool = False, path: int | None = None) -> list[tuple[str, bool]]:
     """`trace` as (text, is the injected wrong step) pieces, so training can leave the wrong step out of the loss."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, not {style!r}")
     if reflect and rng is None:
         raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
-    wrong_at = rng.randrange(len(problem.work)) if reflect else None
+    if path is not None and not 0 <= path < len(problem.paths):
+        raise ValueError(f"path must be in 0..{len(problem.paths) - 1} for this problem, not {path}")
+    if path is None:
+        path = rng.randrange(len(problem.paths)) if rng is not None and len(problem.paths) > 1 else 0
+    work, states = problem.paths[path]
+    wrong_at = rng.randrange(len(work)) if reflect else None
     pieces: list[tuple[str, bool]] = []
-    for k, step in enumerate(problem.work):
+    for k, step in enumerate(work):
         if style == "verbose":
-            pieces.append((f"{STEP} {k + 1} of {len(problem.work)}: {problem.states[k]}\n", False))
+            pieces.append((f"{STEP} {k + 1} of {len(work)}: {states[k]}\n", False))
         if k == wrong_at:
             wrong, recheck = reflection_lines(step, rng.choice(possible_errors(step)))
             pieces += [(f"{wrong}\n", True), (f"{recheck}\n", False)]
@@ -411,13 +482,15 @@ def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Ran
 
 
 def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-          reflect: bool = False) -> str:
+          reflect: bool = False, path: int | None = None) -> str:
     """What a reasoner writes after the prompt: the thinking, ``</think>``, ``Answer: N`` (EOS follows).
 
-    With `reflect`, one step (drawn by `rng`) is written wrong with a drawn column error,
-    then re-checked after ``Wait`` and redone right; later steps continue from the right value.
+    A problem with several solution paths follows `path`; with none given, one drawn by
+    `rng`, or the first without an `rng`. With `reflect`, one step (drawn by `rng`) is written
+    wrong with a drawn column error, then re-checked after ``Wait`` and redone right; later
+    steps continue from the right value.
     """
-    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect))
+    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect, path))
 
 
 @dataclass(frozen=True)
@@ -512,38 +585,44 @@ def forward_flops_per_token(config: TinyLMConfig, context: int) -> float:
 
 _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 # `small`, chosen on validation loss and the card (issue 10: never on a paper's verdict). Width 160 x 6 layers
-# (1.9M parameters), 768 positions (the longest trace, tier 3 verbose and reflective, is ~560 tokens with its
+# (1.9M parameters), 1024 positions (the longest trace, tier 3 verbose and reflective, is ~760 tokens with its
 # prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
 # problems (greedy accuracy by tier; majority@16 minus greedy):
 #   A. first ladder (top tier a 4-5 operation chain), wrong steps trained on, 830 steps x 16 x 256 (3.4M tokens):
 #      356 s, val loss 0.277; card (100 problems): [1.00, 0.68, 0.16, 0.04], majority -1 point;
 #   B. the same, 1600 steps (6.6M tokens), 80k problems: val loss 0.254; card (500): [1.00, 1.00, 0.42, 0.92]
 #      (the long chain became easy, the equation did not), majority -1 point;
-#   C. this recipe: top tier a four-step equation, the wrong step left out of the loss, 1600 steps: 727 s
+#   C. (v2) top tier a four-step equation, the wrong step left out of the loss, 1600 steps: 727 s
 #      (9.3k tokens/s), val loss 0.236; card (500): [1.00, 0.98, 0.74, 0.34], overall 0.764 (target <= 0.75),
-#      majority +0.2 points (target +5): see README, "The reasoner".
+#      majority +0.2 points (target +5);
+#   D. (v3) C with bracket equations and two solution paths (tiers: one and two operations, brackets of two and
+#      three digits), 1600 steps: val loss 0.224; card (500): [1.00, 1.00, 0.78, 0.68], overall 0.866,
+#      majority +4.6 points (+12.8 and +5.6 on the equations);
+#   E. this recipe: D's ladder without the one-operation tier, with a four-digit bracket tier on top, 1600 steps
+#      (1,042 s on one thread beside other work): val loss 0.253; card (500): [0.93, 0.73, 0.70, 0.44],
+#      overall 0.698, majority +5.4 points; six of the seven targets (the hardest tier is above 0.40).
 REASONERS = {
-    "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 768),
+    "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 1024),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
                           val_problems=16),
-    "small": ReasonerSpec(TinyLMConfig(_VOCAB, 160, 6, 5, 448, 768),
+    "small": ReasonerSpec(TinyLMConfig(_VOCAB, 160, 6, 5, 448, 1024),
                           TrainConfig(steps=1600, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100,
                                       eval_every=400), 80_000),
     # `large` (a GPU): the same recipe, wider and deeper, on 10x the tokens. Not trained or measured here.
-    "large": ReasonerSpec(TinyLMConfig(_VOCAB, 320, 8, 8, 896, 768),
+    "large": ReasonerSpec(TinyLMConfig(_VOCAB, 320, 8, 8, 896, 1024),
                           TrainConfig(steps=8000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=400,
                                       eval_every=1000), 800_000),
 }
 # The draft: 96 x 2 layers, ~7x fewer FLOPs per token than the target at 256 tokens of context
 # (`forward_flops_per_token`; the issue asks for >= 4x), the same data and tokens.
 DRAFTS = {
-    "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 16, 1, 1, 32, 768),
+    "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 16, 1, 1, 32, 1024),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
                           val_problems=16),
-    "small": ReasonerSpec(TinyLMConfig(_VOCAB, 96, 2, 2, 256, 768),
+    "small": ReasonerSpec(TinyLMConfig(_VOCAB, 96, 2, 2, 256, 1024),
                           TrainConfig(steps=1600, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=100,
                                       eval_every=400), 80_000),
-    "large": ReasonerSpec(TinyLMConfig(_VOCAB, 128, 3, 4, 352, 768),
+    "large": ReasonerSpec(TinyLMConfig(_VOCAB, 128, 3, 4, 352, 1024),
                           TrainConfig(steps=8000, batch_size=32, seq_len=512, lr=2e-3, warmup_steps=400,
                                       eval_every=1000), 800_000),
 }
@@ -636,7 +715,7 @@ CARD_SIZE = {"smoke": (8, 2, 32), "small": (500, 16, None), "large": (500, 16, N
 
 def _cached(kind: str, spec: ReasonerSpec, scale: str) -> Reasoner:
     tokenizer = reasoning_tokenizer()
-    key = store.stable_hash([f"{kind}-v2", asdict(spec), tokenizer.backend_tokenizer.to_str()])
+    key = store.stable_hash([f"{kind}-v3", asdict(spec), tokenizer.backend_tokenizer.to_str()])
     path = store.home() / "models" / f"{kind}-{scale}-{key}"
 
     def build(tmp: Path) -> None:

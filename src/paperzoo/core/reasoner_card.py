@@ -13,7 +13,7 @@ hand on completions with known answers (tests/test_reasoning_v2.py).
 - **Re-checks**: a thinking line that starts with ``Wait``. A re-check *fixed* a step when
   the work line before it is arithmetically wrong and the step it redoes (same operands)
   is right. A work line is ``[lead]a op b: columns so r``; it is right when r = a+b,
-  a-b, or a/b exactly, whatever its columns say.
+  a-b, a*b, or a/b exactly, whatever its columns say.
 - **Style**: *verbose* when a thinking line starts with ``Check:`` or ``Step ``, else *terse*.
 - **Thinking length**: the completion before ``</think>`` (or before EOS, or all of it),
   in characters and in tokens of the given tokenizer.
@@ -37,7 +37,7 @@ from paperzoo.core.reasoner import CHECK, STEP, TIERS, WAIT, TierSpec, ladder_pr
 from paperzoo.core.sampling import check_positions, max_positions, sample
 from paperzoo.core.training import progress
 
-_WORK = re.compile(r"(?:\d*x=)?(\d+)([+\-/])(\d+): (.*?) ?so (-?\d+)")
+_WORK = re.compile(r"(?:\d*x(?:[+-]\d+)?=)?(\d+)([+\-*/])(\d+): (.*?) ?so (-?\d+)")
 _WAIT = re.compile(re.escape(WAIT) + r"\b.*?\.\s*(.*)")
 
 
@@ -71,6 +71,8 @@ class WorkLine:
             return self.a + self.b == self.stated
         if self.op == "-":
             return self.a - self.b == self.stated
+        if self.op == "*":
+            return self.a * self.b == self.stated
         return self.b != 0 and self.b * self.stated == self.a
 
     @property

@@ -68,7 +68,7 @@ RECHECK_SHARE = 0.10  # extended traces that re-check after "Wait"
 FIX_SHARE = 0.10  # wrong steps recomputed after "Wait" that come out right
 MIN_WRONG_RECOMPUTED = 10  # fewer: cannot tell whether re-checks fix anything
 FLOOR, CEILING = 0.05, 0.95
-STEP = re.compile(r"(\d+)([+\-/])(\d+):[^\n]*? so (-?\d+)")  # a work line; a lead such as "7x=" is skipped
+STEP = re.compile(r"(\d+)([+\-*/])(\d+):[^\n]*? so (-?\d+)")  # a work line; a lead such as "7x=" is skipped
 
 
 def steps(text: str) -> list[tuple[str, int, bool]]:
@@ -76,7 +76,7 @@ def steps(text: str) -> list[tuple[str, int, bool]]:
     out = []
     for a, op, b, c in STEP.findall(text):
         a, b, c = int(a), int(b), int(c)
-        right = {"+": a + b == c, "-": a - b == c, "/": b != 0 and a // b == c}[op]
+        right = {"+": a + b == c, "-": a - b == c, "*": a * b == c, "/": b != 0 and a // b == c}[op]
         out.append((f"{a}{op}{b}", c, right))
     return out
 

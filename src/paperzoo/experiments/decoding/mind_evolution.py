@@ -1,18 +1,20 @@
 r"""Reproduction of 2501.09891: evolutionary search beats best-of-N and sequential revision at equal budget.
 
-The task is the reasoner's hardest equations (``9x-349=7319-708+402``), whose solutions the
-reasoner writes as one scratchpad line per operation and an answer (``7319-708: ... so 6611``,
-``6611+402: ... so 7013``, ``9x=7013+349: ... so 7362``, ``x=7362/9: ... so 818``,
-``Answer: 818``). The programmatic checker plays the role of the paper's
-TravelPlanner evaluator: it checks *constraints* of a proposed solution, never
-compares it with an answer key: each line of the right side's chain must do its
-operation right on the previous line's value, the next must restate the equation with
-that value and undo the constant right, the last must divide by the coefficient right,
-and the answer must satisfy the equation (residual
-$r = a\hat x \pm b - c$). Fitness = (number of verified lines, in order)
-$- \log(1 + |r|)$ (a missing answer costs 10); the feedback names the first broken
-constraint and says whether the answer is too high or too low, and by how much.
-A solution is accepted when $r = 0$.
+The task is the reasoner's hardest equations (``9(x-349)=7319-708+402``), whose solutions the
+reasoner writes as one scratchpad line per operation and an answer, along either of two paths
+(reasoner v3): the right side's chain (``7319-708: ... so 6611``, ``6611+402: ... so 7013``),
+then divide first (``x-349=7013/9: ... so 779``, ``x=779+349: ... so 1128``) or expand first
+(``349*9: ... so 3141``, ``9x=7013+3141: ... so 10154``, ``x=10154/9: ... so 1128``), then
+``Answer: 1128``. The programmatic checker plays the role of the paper's TravelPlanner
+evaluator: it checks *constraints* of a proposed solution, never compares it with an answer
+key: along each path, each line must do the operation that the question and the lines
+verified before it call for, and get it right; the path the solution follows furthest
+counts; and the answer must satisfy the equation (residual $r = $ left side at $\hat x$ minus
+the right side). Fitness = (share of that path's lines verified, in order) x (the longest
+path's line count) $- \log(1 + |r|)$, so that a partial solution on the shorter path is not
+worth less (a missing answer costs 10); the feedback names the first broken constraint and
+says whether the answer is too high or too low, and by how much. A solution is accepted
+when $r = 0$.
 
 What the tiny LM can and cannot use. The reasoner was trained only on
 ``Q: ...<think>`` followed by a correct trace; it cannot read parent solutions or
@@ -51,9 +53,10 @@ temperature 1, up to 448 new tokens (a terse solution with its column work is ab
 the model's 768 positions leave 448 after the longest rendered prompt).
 Problems: 64 held-out equations of the reasoner's hardest tier (tier 3; until the run at commit 5a3cc1c,
 tier 2, ``7x+25=683``, on which best-of-N was at its ceiling at the smallest budget in every seed) for
-evaluation and 32 others for calibration. Since issue 10 the reasoner is version 2, which writes each
-step's column work (``7x=683-25: ... so 658``); the checker reads the claimed result of each step, the
-last attempt when a ``Wait`` re-check redid it.
+evaluation and 32 others for calibration. Since issue 10 the reasoner writes each step's column work
+(``7x=683-25: ... so 658``); the checker reads the claimed result of each step, the last attempt when
+a ``Wait`` re-check redid it. Reasoner v3's equations have brackets and two solution paths; the v2
+checker (one path, ``ax+-b`` equations, a count of verified lines as fitness) became the one above.
 
 Earlier predicate (the first version, budget fixed at 24 evaluations; verdict `not-reproduced`,
 seed 0, small: best-of-N solved 96% of 48 equations, Mind Evolution 98%, sequential revision 98%;
@@ -77,7 +80,7 @@ import numpy as np
 
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
-from paperzoo.core.reasoner import TIERS, problems, reasoner
+from paperzoo.core.reasoner import TIERS, LadderProblem, Step, problems, reasoner
 from paperzoo.core.reasoning import END_THINK, Problem, extract_answer
 from paperzoo.core.sampling import sample
 from paperzoo.decoding.mind_evolution import (
@@ -89,15 +92,8 @@ from paperzoo.decoding.mind_evolution import (
 )
 
 METHODS = ("best-of-n", "sequential-revision", "mind-evolution")
-EQUATION_TIER = len(TIERS) - 1  # the ladder's hardest tier: ``9x-349=7319-708+402``, a chain on the right side
-_QUESTION = re.compile(r"^(\d+)x([+-])(\d+)=(\d+(?:[+-]\d+)*)$")
-# The reasoner's work lines: one per operation of the right side's chain (``7319-708: <columns> so 6611``),
-# then ``9x=7013+349: <columns> so 7362`` and ``x=7362/9: <columns> so 818``. Each is searched anywhere in a
-# line, so the redone step after a ``Wait, ...`` re-check is read too, and only the claimed result (after
-# ``so``) is checked.
-_CHAIN = re.compile(r"(?<![\dx=])(\d+)([+-])(\d+): .* so (-?\d+)$")
-_LINE1 = re.compile(r"(?<![\dx=])(\d+)x=(-?\d+)([+-])(\d+): .* so (-?\d+)$")
-_LINE2 = re.compile(r"(?<![\dx=])x=(-?\d+)/(\d+): .* so (-?\d+)$")
+EQUATION_TIER = len(TIERS) - 1  # the ladder's hardest tier: ``9(x-349)=7319-708+402``, a chain on the right side
+_LEFT = re.compile(r"^(\d+)(?:\(x([+-])(\d+)\)|x([+-])(\d+))$")  # ``9(x-349)`` or (the v2 form) ``9x-349``
 NO_ANSWER_PENALTY = 10.0
 
 
@@ -109,69 +105,59 @@ class Check:
     verified: tuple[str, ...]  # the scratchpad lines before the first broken constraint
 
 
-def _check_chain(terms: list[str], lines: list[str], verified: list, notes: list) -> int | None:
-    """Verify the right side's chain, one line per operation; its value, or None at the first broken step."""
-    value = int(terms[0])
-    for term in terms[1:]:
-        op, t = term[0], int(term[1:])
-        result = value + t if op == "+" else value - t
-        attempts = [m for line in lines if (m := _CHAIN.search(line.strip())) and (int(m[1]), m[2], int(m[3])) ==
-                    (value, op, t)]
+def _left_side(question: str):
+    """``a(x+-d)`` or ``ax+-b``: the left side as a function of x, and how it reads."""
+    lhs = question.split("=", 1)[0]
+    m = _LEFT.match(lhs)
+    if m is None:
+        raise ValueError(f"not a linear equation: {question!r}")
+    a = int(m[1])
+    if m[2]:
+        d = int(m[3]) if m[2] == "+" else -int(m[3])
+        return (lambda x: a * (x + d)), lhs
+    b = int(m[5]) if m[4] == "+" else -int(m[5])
+    return (lambda x: a * x + b), lhs
+
+
+def _attempts(lines: list[str], step: Step) -> list[tuple[str, int]]:
+    """Every attempt at `step` in the lines, as (the work, its claimed result), a re-check's redone step included."""
+    pattern = re.compile(rf"(?:^|\. )({re.escape(step.expression)}: .* so (-?\d+))$")
+    return [(m[1], int(m[2])) for line in lines if (m := pattern.search(line.strip()))]
+
+
+def _walk(path: tuple[Step, ...], lines: list[str]) -> tuple[list[str], str | None]:
+    """The verified lines of one solution path, in order, and the note at its first broken constraint."""
+    verified = []
+    for step in path:
+        attempts = _attempts(lines, step)
         if not attempts:
-            notes.append(f"the right side's next step should read {value}{op}{t}: ... so <value>")
-            return None
-        if int(attempts[-1][4]) != result:  # the last attempt counts (after any re-check)
-            notes.append(f"{value}{op}{t} is not {attempts[-1][4]}")
-            return None
-        verified.append(attempts[-1][0])
-        value = result
-    return value
+            return verified, f"the next step should read {step.expression}: ... so <value>"
+        work, claimed = attempts[-1]  # the last attempt counts (after any re-check)
+        if claimed != step.result:
+            return verified, f"{step.a}{step.op}{step.b} is not {claimed}"
+        verified.append(work)
+    return verified, None
 
 
-def check_linear_solution(problem: Problem, solution: str) -> Check:
-    """The constraint checker: verified lines, residual of the answer, textual feedback."""
-    q = _QUESTION.match(problem.question)
-    if q is None:
-        raise ValueError(f"not a linear equation: {problem.question!r}")
-    a, sign, b = int(q[1]), q[2], int(q[3])
-    terms = re.findall(r"[+-]?\d+", q[4])
-    inverse = "-" if sign == "+" else "+"
+def check_linear_solution(problem: LadderProblem, solution: str) -> Check:
+    """The constraint checker: verified lines along the path the solution takes, the answer's residual, feedback."""
+    left, lhs = _left_side(problem.question)
+    right = sum(int(t) for t in re.findall(r"[+-]?\d+", problem.question.split("=", 1)[1]))
     lines = solution.split(END_THINK)[0].split("\n")
-    verified, notes = [], []
-    c = _check_chain(terms, lines, verified, notes)
-    firsts = [m for line in lines if (m := _LINE1.search(line.strip()))]
-    seconds = [m for line in lines if (m := _LINE2.search(line.strip()))]
-    first = firsts[-1] if firsts else None  # the last attempt at each step (after any re-check) is the one that counts
-    if c is None:
-        pass
-    elif first is None:
-        notes.append(f"the next step should read {a}x={c}{inverse}{b}: ... so <value>")
-    elif (int(first[1]), int(first[2]), first[3], int(first[4])) != (a, c, inverse, b):
-        notes.append(f"the next step does not restate the equation as {a}x={c}{inverse}{b}")
-    elif int(first[5]) != (c - b if inverse == "-" else c + b):
-        notes.append(f"{c}{inverse}{b} is not {first[5]}")
-    else:
-        verified.append(first[0])
-        second = seconds[-1] if seconds else None
-        v = int(first[5])
-        if second is None:
-            notes.append(f"the last step should read x={v}/{a}: ... so <value>")
-        elif (int(second[1]), int(second[2])) != (v, a):
-            notes.append(f"the last step should divide {v} by {a}")
-        elif int(second[3]) * a != v:
-            notes.append(f"{v}/{a} is not {second[3]}")
-        else:
-            verified.append(second[0])
+    walks = [(_walk(work, lines), len(work)) for work, _ in problem.paths]
+    (verified, note), length = max(walks, key=lambda w: len(w[0][0]) / w[1])  # the path it follows furthest
+    longest = max(len(work) for work, _ in problem.paths)
+    notes = [note] if note else []
+    progress = longest * len(verified) / length
     x = extract_answer(solution)
     if x is None:
-        return Check(len(verified) - NO_ANSWER_PENALTY, "; ".join(notes + ["no answer"]), False, tuple(verified))
-    right = sum(int(t) for t in terms)
-    r = a * x + (b if sign == "+" else -b) - right
+        return Check(progress - NO_ANSWER_PENALTY, "; ".join(notes + ["no answer"]), False, tuple(verified))
+    r = left(x) - right
     if r == 0:
         notes.append(f"x={x} satisfies the equation")
     else:
-        notes.append(f"x={x} gives {a}x{sign}{b}={right + r}, too {'high' if r > 0 else 'low'} by {abs(r)}")
-    return Check(len(verified) - math.log1p(abs(r)), "; ".join(notes), r == 0, tuple(verified))
+        notes.append(f"x={x} gives {lhs}={right + r}, too {'high' if r > 0 else 'low'} by {abs(r)}")
+    return Check(progress - math.log1p(abs(r)), "; ".join(notes), r == 0, tuple(verified))
 
 
 def render_linear(problem: Problem, candidates: list[Candidate]) -> str:
