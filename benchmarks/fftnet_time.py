@@ -9,13 +9,12 @@ for N log N, 2 for N^2. They are reported, not checked: a shared CPU makes singl
 Run: OMP_NUM_THREADS=1 python benchmarks/fftnet_time.py
 """
 
-import time
-
 import numpy as np
 import torch
 from torch import nn
 
 from paperzoo.architectures.fftnet_attention import FFTNetConfig, FNetMixer, SpectralAttention
+from timing import best_of
 
 
 class SoftmaxAttention(nn.Module):
@@ -29,15 +28,6 @@ class SoftmaxAttention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
         return self.out(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
-
-
-def best_of(fn, repeats=3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.no_grad()

@@ -9,20 +9,10 @@ The ratio below only says what the emulation costs when it is used in experiment
 Run: python benchmarks/l_mul_multiplication.py
 """
 
-import time
-
 import torch
 
 from paperzoo.compression.l_mul_multiplication import l_mul_matmul
-
-
-def best_of(fn, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from timing import best_of
 
 
 def main():

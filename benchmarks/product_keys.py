@@ -11,11 +11,10 @@ Reported, not checked: a shared CPU makes single timings noisy.
 Run: OMP_NUM_THREADS=1 python benchmarks/product_keys.py
 """
 
-import time
-
 import torch
 
 from paperzoo.architectures.memory_layers import product_key_topk
+from timing import best_of
 
 
 def brute_force_topk(q, K1, K2, k):
@@ -23,15 +22,6 @@ def brute_force_topk(q, K1, K2, k):
     s1 = torch.einsum("bhd,hnd->bhn", q1, K1)
     s2 = torch.einsum("bhd,hnd->bhn", q2, K2)
     return (s1[..., :, None] + s2[..., None, :]).flatten(-2).topk(k, dim=-1)
-
-
-def best_of(fn, repeats=3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.no_grad()

@@ -12,22 +12,11 @@ beside it.
 Run: OMP_NUM_THREADS=1 python benchmarks/recursion_throughput.py
 """
 
-import time
-
 import torch
 
 from paperzoo.core.blocks import flops_per_token
 from paperzoo.experiments.architectures.mixture_of_recursions import SCALES, build
-
-
-def best_of(fn, repeats=3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from timing import best_of
 
 
 def main(scale="large", batch=16):
@@ -52,6 +41,7 @@ def main(scale="large", batch=16):
             with torch.no_grad():
                 model(input_ids=x)
 
+        step(), infer()  # warm-up
         rows[name] = (tokens / best_of(step), tokens / best_of(infer), flops_per_token(model, s["seq_len"], s["vocab"]))
     base = rows["vanilla"]
     print(f"{scale} shape, batch {batch} x {s['seq_len']} tokens, {torch.get_num_threads()} thread(s)")

@@ -23,18 +23,10 @@ from paperzoo.compression.super_weight import (
     weight_matrix,
 )
 from paperzoo.core.models import BASE_MODELS
+from timing import best_of
 
 SAMPLED_LAYERS = 3
 WEIGHTS_PER_LAYER = 8
-
-
-def best_of(fn, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 @torch.no_grad()
