@@ -22,6 +22,17 @@ def test_query_count_answers_are_python_counts():
     assert batch.scored.sum(1).eq(1).all() and batch.scored[:, -1].all()
 
 
+def test_query_count_on_every_prefix_answers_the_running_count_and_ends_with_qc():
+    task = tasks.QueryCount(m=4, n=10, every_position=True)
+    batch = task.sample(200, seed=5)
+    assert torch.equal(batch.tokens, tasks.QueryCount(m=4, n=10).sample(200, seed=5).tokens)  # same draws
+    for row, target in zip(batch.tokens.tolist(), batch.targets.tolist()):
+        x = row[1:-1]
+        assert [t - task.m for t in target[2:]] == [x[: i + 1].count(x[i]) for i in range(len(x))]
+        assert target[-1] == row[-1]  # the last prefix is the whole sequence: the paper's QC answer
+    assert batch.scored[:, :2].eq(False).all() and batch.scored[:, 2:].all()
+
+
 def test_most_frequent_has_a_unique_answer_equal_to_pythons():
     task = tasks.MostFrequent(m=6, n=10)
     batch = task.sample(300, seed=1)

@@ -56,3 +56,46 @@ def test_counting_end_to_end_below_m():
     mercedes = torch.tensor([[math.cos(a), math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
     counts = inverse_mlp(9)(count_attend(x, mercedes, beta=60.0)[:, None]).squeeze(1)
     assert torch.equal(counts.round().long(), c)
+
+
+# The experiment's predicate on hand-built grids ------------------------------------------------
+
+from paperzoo.experiments.phenomena import transformer_counting as exp  # noqa: E402
+
+
+def _grid(counting: dict[str, dict[int, int]]) -> dict:
+    """A grid where, per task and m, every d >= the given threshold counts and every smaller d clearly does not."""
+    grid = [{"task": task, "m": m, "d": d, "counts": d >= thresholds[m]}
+            for task, thresholds in counting.items() for m in (8, 16, 32) for d in (m // 2, m, 2 * m)]
+    return {"vocabularies": [8, 16, 32], "grid": grid}
+
+
+def test_counting_predicate_reads_a_threshold_proportional_to_m():
+    m = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 16, 16: 16, 32: 64}})
+    assert all(exp.preconditions(m).values())
+    assert exp.thresholds(m, "QC") == {8: 8, 16: 16, 32: 32}
+    assert list(exp.checks(m).values()) == [True, True, True]
+
+
+def test_counting_predicate_fails_when_one_d_serves_every_m_or_mfe_needs_less():
+    flat = _grid({"QC": {8: 16, 16: 16, 32: 16}, "MFE": {8: 16, 16: 16, 32: 16}})  # d = 16 counts at m = 32
+    below, slope, mfe = exp.checks(flat).values()
+    assert below is False and slope is False and mfe is True
+    cheap_mfe = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 4, 16: 16, 32: 32}})
+    assert list(exp.checks(cheap_mfe).values())[2] is False
+
+
+def test_counting_predicate_is_undecided_on_a_straddling_interval_and_needs_the_top_of_the_grid():
+    m = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 8, 16: 16, 32: 32}})
+    next(c for c in m["grid"] if c["task"] == "QC" and c["m"] == 16 and c["d"] == 8)["counts"] = None
+    assert list(exp.checks(m).values()) == [None, None, None]
+    never = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 8, 16: 16, 32: 32}})
+    next(c for c in never["grid"] if c["task"] == "QC" and c["m"] == 32 and c["d"] == 64)["counts"] = False
+    assert list(exp.preconditions(never).values()) == [False]
+
+
+def test_counts_reads_the_bootstrap_interval_against_the_bar():
+    assert exp.counts([1.0] * 980 + [0.0] * 20) is True
+    assert exp.counts([1.0] * 500 + [0.0] * 500) is False
+    assert exp.counts([1.0] * 9 + [0.0] * 1) is None  # 90% of 10: the interval straddles the bar
+    assert exp.loglog_slope([8, 16, 32], [8, 16, 32]) == pytest.approx(1.0)

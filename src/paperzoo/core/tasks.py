@@ -88,10 +88,15 @@ class QueryCount:
     Token ids: 0..m-1 the vocabulary, m + c for the count c in 1..n, and BOS = m + n + 1
     (the attention sink the paper's CountAttend construction reads 1/(c+1) from). The
     last input token is the query, so c >= 1. The paper's QC task.
+
+    With `every_position`, every prefix is a QC instance too: after reading x_t the model
+    predicts m + #{i <= t : x_i = x_t} (as `targets`, never shown in the input), so a sequence
+    gives n answers instead of one; the last is the full sequence's QC answer.
     """
 
     m: int
     n: int
+    every_position: bool = False
 
     @property
     def bos(self) -> int:
@@ -112,8 +117,16 @@ class QueryCount:
         x = torch.randint(0, self.m, (n, self.n), generator=_generator(seed))
         tokens = torch.cat([torch.full((n, 1), self.bos), x, self.answer_token(x)[:, None]], dim=1)
         scored = torch.zeros_like(tokens, dtype=torch.bool)
-        scored[:, -1] = True
-        return TaskBatch(tokens, scored)
+        if not self.every_position:
+            scored[:, -1] = True
+            return TaskBatch(tokens, scored)
+        so_far = torch.zeros(n, self.m, dtype=torch.long)  # running count of each token
+        targets = tokens.clone()
+        for t in range(self.n):  # position t + 2 answers for x_{t+1}, read at position t + 1
+            so_far[torch.arange(n), x[:, t]] += 1
+            targets[:, t + 2] = self.m + so_far[torch.arange(n), x[:, t]]
+        scored[:, 2:] = True
+        return TaskBatch(tokens, scored, targets)
 
 
 @dataclass(frozen=True)
