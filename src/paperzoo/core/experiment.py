@@ -247,8 +247,10 @@ def plan(slug: str, scale: str = "small", model: str | None = None, corpus: str 
     accepted = set(getattr(module, "INPUTS", ()))
     for name, value in (("model", model), ("corpus", corpus)):
         if value is not None and name not in accepted:
-            raise ExperimentError(f"{paper.slug} does not take --{name}: it runs on "
-                                  + (f"its own {', '.join(getattr(module, 'SUBSTRATE', ())) or 'models'}"))
+            method = method_module_name(paper.slug)
+            raise ExperimentError(f"{paper.slug} does not take --{name}: it runs on its own "
+                                  f"{', '.join(getattr(module, 'SUBSTRATE', ())) or 'models'}"
+                                  + (f" (to apply the method to yours, import {method})" if method else ""))
     if corpus is not None:
         from paperzoo.core.corpus import check_corpus_spec
 

@@ -83,7 +83,7 @@ from torch import nn
 
 from paperzoo.architectures.fftnet_attention import fftnet_mixer, fnet_mixer
 from paperzoo.core.blocks import flops_per_token, parameter_count, standard_model, swap
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import all_of, beats, bootstrap_mean, paired_difference
 from paperzoo.core.tasks import AssociativeRecall, MaxRetrieval, TaskBatch
 from paperzoo.core.training import TrainConfig, single_thread, train
@@ -260,9 +260,6 @@ SCALES = {
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("fftnet-attention trains its own tiny models; --model and --corpus are not supported "
-                              "(swap paperzoo.architectures.fftnet_attention.fftnet_mixer into your model instead)")
     s = ctx.settings
     metrics = {"correct": {}, "chance": {}, "arms": {}}
     with single_thread():

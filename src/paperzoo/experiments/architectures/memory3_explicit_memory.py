@@ -61,7 +61,7 @@ import torch
 from paperzoo.architectures.memory3_explicit_memory import (
     Memory3Config, attached, install, mean_hidden_state, retrieve, train_with_memory, write_memories)
 from paperzoo.core.blocks import parameter_count, standard_model
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.facts import SENTENCE, Facts
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.training import TrainConfig, single_thread, train
@@ -190,9 +190,6 @@ def _recall(model, questions: torch.Tensor, fact: torch.Tensor, n_facts: int, co
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("memory3-explicit-memory trains its own tiny models on a synthetic world of facts; "
-                              "use paperzoo.architectures.memory3_explicit_memory on your model")
     s = ctx.settings
     world = dict(entities=s["entities"], first_names=s["first_names"], last_names=s["last_names"],
                  relations=s["relations"], attributes=s["attributes"], words=s["words"],

@@ -82,7 +82,7 @@ from torch import nn
 
 from paperzoo.architectures.memory_layers import MemoryConfig, memory_ffn, memory_read_flops
 from paperzoo.core.blocks import flops_per_token, match_budget, parameter_count, standard_model, swap
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.facts import Facts
 from paperzoo.core.margins import all_of, bootstrap_mean, decided, paired_difference
 from paperzoo.core.training import TrainConfig, single_thread, train
@@ -238,9 +238,6 @@ def fact_scores(model, task: Facts, split: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("memory-layers trains its own tiny models on a synthetic world of facts; --model and "
-                              "--corpus are not supported (use paperzoo.architectures.memory_layers on your model)")
     s = ctx.settings
     task = Facts(entities=s["entities"], first_names=s["first_names"], last_names=s["last_names"],
                  relations=s["relations"], attributes=s["attributes"], words=s["words"],

@@ -228,9 +228,6 @@ SCALES = {
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("rnn-state-collapse trains its own tiny Mamba-2 LMs; use "
-                              "paperzoo.architectures.rnn_state_collapse to apply the fixes to your own Mamba-2")
     s, T = ctx.settings, ctx.settings["T_train"]
     lm = base_model(s["base"])
     train_ids, val = lm.blocks("train", T), lm.blocks("validation", s["multiple"] * T)

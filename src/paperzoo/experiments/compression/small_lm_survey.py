@@ -188,8 +188,6 @@ def variants(s: dict) -> list[tuple[str, str, SLMArchitecture]]:
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None:
-        raise ExperimentError("small-lm-survey builds its own architecture variants; --model is not supported")
     s = ctx.settings
     plan = variants(s)
     unique = list(dict.fromkeys(a for _, _, a in plan))  # the base model is measured once for all sweeps

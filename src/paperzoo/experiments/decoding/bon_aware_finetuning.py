@@ -66,7 +66,7 @@ import copy
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
+from paperzoo.core.experiment import Claim, Outcome, RunContext, choose_on_control
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer, is_correct
 from paperzoo.core.reasoner import problems, reasoner, tiers_between
@@ -196,8 +196,6 @@ def _r5(values) -> list[float]:
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("bon-aware-finetuning runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     tok = r.tokenizer
     tiers = tiers_between(r, *s["pass@1_range"])

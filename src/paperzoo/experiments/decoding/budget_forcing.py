@@ -58,7 +58,7 @@ import re
 
 import numpy as np
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import END_THINK, extract_answer
 from paperzoo.core.reasoner import problems, reasoner
@@ -181,8 +181,6 @@ SCALES = {
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("budget-forcing runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     qs = problems(s["problems"], "test", seed=ctx.seed)
     prompts = [q.prompt for q in qs]

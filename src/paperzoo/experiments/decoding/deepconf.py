@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import extract_answer
 from paperzoo.core.reasoner import problems, reasoner, tiers_between
@@ -178,8 +178,6 @@ def _thin(xs: list[float], n: int = 1000) -> list[float]:
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("deepconf runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     model, tok = r.model, r.tokenizer
     tiers = tiers_between(r, *s["pass@1_range"])

@@ -70,7 +70,7 @@ import time
 
 import numpy as np
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, clearly_greater, decided, paired_difference
 from paperzoo.core.reasoning import is_correct
 from paperzoo.core.reasoner import problems, reasoner, tiers_between
@@ -210,8 +210,6 @@ def preference_pairs(model, tok, qs, k: int, per_problem: int, max_new_tokens: i
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("genarm-reward-decoding runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     base, tok = r.model, r.tokenizer
     T = s["max_new_tokens"]

@@ -282,8 +282,6 @@ def _evaluator(q: Problem):
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("mind-evolution runs on paperzoo's reasoner and its equations; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     model, tok = r.model, r.tokenizer
     drawn = problems(s["problems"] + s["calibration_problems"], "test", seed=ctx.seed, tiers=[EQUATION_TIER])

@@ -82,7 +82,7 @@ import re
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext, choose_on_control
+from paperzoo.core.experiment import Claim, Outcome, RunContext, choose_on_control
 from paperzoo.core.margins import Interval, bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import ANSWER, END_THINK, is_correct
 from paperzoo.core.reasoner import problems, reasoner
@@ -273,8 +273,6 @@ def simpo(model, pairs: list, s: dict, lr: float, seed: int, pad_id: int):
 
 def run(ctx: RunContext) -> Outcome:
     s = ctx.settings
-    if ctx.model is not None:
-        raise ExperimentError("overthinking-efficiency runs on paperzoo's reasoner and its tasks; --model is not supported")
     r = reasoner(s["reasoner"], seed=0)
     tok = r.tokenizer
     tiers = s["tiers"]

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean, decided, paired_difference
 from paperzoo.core.reasoning import is_correct
 from paperzoo.core.reasoner import draft_reasoner, problems, reasoner
@@ -235,8 +235,6 @@ def seconds_per_pass(target, draft, tok, prompts, max_new_tokens) -> dict:
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None:
-        raise ExperimentError("svip-draft-length runs on paperzoo's reasoner/draft pair; --model is not supported")
     with single_thread():  # batch-1 decoding of tiny models: intra-op threads only add synchronisation
         return measure(ctx)
 

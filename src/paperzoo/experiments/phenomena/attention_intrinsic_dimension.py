@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import LEVEL, RESAMPLES, Interval, all_of, beats, bootstrap_mean, decided
 from paperzoo.core.tasks import TaskBatch, TaskModelConfig, TaskTraining, train_on_task
 from paperzoo.phenomena.attention_intrinsic_dimension import attention_intrinsic_dimension
@@ -222,9 +222,6 @@ def measure(model, task: HiddenModularOperation, test: TaskBatch) -> dict:
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("attention-intrinsic-dimension trains its own tiny models; use "
-                              "paperzoo.phenomena.attention_intrinsic_dimension on your own model")
     s = ctx.settings
     task = HiddenModularOperation(s["p"], s["K"])
     training = TaskTraining(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"])

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import beats, paired_difference
 from paperzoo.core.tasks import LabelMapEpisodes, TaskBatch, TaskModelConfig, TaskTraining, train_on_task
 from paperzoo.phenomena.demo_position_bias import PLACEMENTS, prediction_change
@@ -210,9 +210,6 @@ SCALES = {
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("demo-position-bias trains its own tiny chat-shaped learners; --model and --corpus are "
-                              "not supported (the method, paperzoo.phenomena.demo_position_bias, takes any chat model)")
     s = ctx.settings
     config = TaskModelConfig(s["hidden_size"], s["num_layers"], s["num_heads"])
     metrics = {}

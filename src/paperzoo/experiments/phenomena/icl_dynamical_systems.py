@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import Interval, beats
 from paperzoo.core.measures import power_law_fit
 from paperzoo.core.tasks import TaskBatch, TaskModelConfig, TaskTraining, train_on_task
@@ -202,10 +202,6 @@ SCALES = {
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("icl-dynamical-systems meta-trains its own digit-level model; --model and --corpus are "
-                              "not supported (hierarchy_pdf in paperzoo.phenomena.icl_dynamical_systems runs on any "
-                              "HF causal LM)")
     s = ctx.settings
     S, grid = s["states"], s["grid"]
     draw = torch.randperm(10 ** s["digits"], generator=torch.Generator().manual_seed(ctx.seed))

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from scipy.optimize import curve_fit
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import Interval, bootstrap_mean, decided, paired_difference
 from paperzoo.core.tasks import TaskBatch, TaskModelConfig, TaskTraining, train_on_task
 from paperzoo.phenomena.icl_representations import (
@@ -304,9 +304,6 @@ def measure_graph(model, A: torch.Tensor, s: dict, layer: int, g: torch.Generato
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("icl-representations meta-trains its own tiny model; to measure your own LLM use "
-                              "paperzoo.phenomena.icl_representations.in_context_representations")
     s = ctx.settings
     task = GraphWalkMetaTraining(length=s["length"])
     config = TaskModelConfig(hidden_size=s["hidden_size"], num_layers=s["num_layers"], num_heads=s["num_heads"])

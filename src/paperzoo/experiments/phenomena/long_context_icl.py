@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import Interval, decided, paired_difference
 from paperzoo.core.tasks import LabelMapEpisodes, TaskModelConfig, TaskTraining, train_on_task
 from paperzoo.phenomena.long_context_icl import (
@@ -173,9 +173,6 @@ SCALES = {
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("long-context-icl meta-trains its own in-context learner; --model and --corpus are not "
-                              "supported (the protocol, paperzoo.phenomena.long_context_icl, runs on any HF causal LM)")
     s = ctx.settings
     model, history = train_on_task(TASK, TaskModelConfig(s["hidden_size"], s["num_layers"], s["num_heads"]),
                                    TaskTraining(s["steps"], s["batch_size"]), seed=ctx.seed)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import beats, paired_difference
 from paperzoo.core.tasks import LabelMapEpisodes, TaskModelConfig, TaskTraining, train_on_task
 from paperzoo.phenomena.mixture_of_icl import MoICLWeights, expert_log_probs
@@ -173,9 +173,6 @@ TASK = LabelMapEpisodes(items=32, labels=4, demos=64, cluster_size=4)
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("mixture-of-icl meta-trains its own in-context learner; --model and --corpus are not "
-                              "supported (the method, paperzoo.phenomena.mixture_of_icl, runs on any HF causal LM)")
     s = ctx.settings
     model, history = train_on_task(TASK, TaskModelConfig(s["hidden_size"], s["num_layers"], s["num_heads"]),
                                    TaskTraining(s["steps"], s["batch_size"]), seed=ctx.seed)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
+from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import bootstrap_mean
 from paperzoo.core.tasks import (MostFrequent, QueryCount, TaskModelConfig, TaskTraining, task_correct,
                                  train_on_task)
@@ -158,9 +158,6 @@ def task_pair(vocab: int, n: int):
 
 
 def run(ctx: RunContext) -> Outcome:
-    if ctx.model is not None or ctx.corpus is not None:
-        raise ExperimentError("transformer-counting trains its own one-layer models; --model and --corpus are not "
-                              "supported (the constructions are in paperzoo.phenomena.transformer_counting)")
     s = ctx.settings
     grid = []
     for vocab in s["vocabularies"]:
