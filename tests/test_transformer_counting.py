@@ -99,3 +99,15 @@ def test_counts_reads_the_bootstrap_interval_against_the_bar():
     assert exp.counts([1.0] * 500 + [0.0] * 500) is False
     assert exp.counts([1.0] * 9 + [0.0] * 1) is None  # 90% of 10: the interval straddles the bar
     assert exp.loglog_slope([8, 16, 32], [8, 16, 32]) == pytest.approx(1.0)
+
+
+def test_mfe_check_reads_bounds_when_an_mfe_cell_straddles_the_bar():
+    m = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 16, 16: 32, 32: 64}})
+    mfe8 = {c["d"]: c for c in m["grid"] if c["task"] == "MFE" and c["m"] == 8}
+    mfe8[8]["counts"] = None  # d*_MFE(8) is 8 or 16: either way >= d*_QC(8) = 8
+    assert list(exp.checks(m).values())[2] is True
+    mfe8[8]["counts"], mfe8[4]["counts"] = True, None  # d*_MFE(8) is 4 or 8: undecided against 8
+    assert list(exp.checks(m).values())[2] is None
+    mfe8[4]["counts"] = True  # surely below
+    assert list(exp.checks(m).values())[2] is False
+    assert exp.counting_bounds([{"d": 4, "counts": False}, {"d": 8, "counts": False}]) == (None, None)
