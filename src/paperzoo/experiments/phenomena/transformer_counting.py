@@ -211,5 +211,6 @@ def plot(fig, m: dict) -> None:
         ax.axhline(BAR, color="grey", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="d / m", title=f"{task}: one-layer models, n = 2m", ylim=(0, 1.02))
         ax.set_xticks([0.5, 1, 2], ["1/2", "1", "2"])
+        ax.minorticks_off()
     axes[0].set_ylabel("held-out accuracy")
     axes[0].legend(fontsize=8)
