@@ -91,6 +91,9 @@ def test_response_logprobs_match_a_manual_sum_with_left_padding(arch):
         want = sum(float(logp[t - 1, full[0, t]].detach()) for t in range(len(x), full.shape[1]))
         assert abs(float(got[b]) - want) < 1e-4
     assert torch.allclose(sequence_reward(model, tok, prompts, responses, beta_r=0.1), 0.1 * got, atol=1e-5)
+    # batched after sorting by length: the rewards still come back in the caller's order
+    assert torch.allclose(sequence_reward(model, tok, prompts[::-1], responses[::-1], batch_size=1), got.flip(0),
+                          atol=1e-5)
 
 
 @torch.no_grad()
@@ -202,6 +205,41 @@ def test_lora_arm_trains_only_its_adapter_and_raises_the_preferred_margin():
     again = lora_arm(r.model, rank=2)
     g = genarm_generate(r.model, again, r.tokenizer, ["Q: 1+1\n<think>"], alpha=1.0, max_new_tokens=4)
     assert g[0].stats["arm_forward_passes"] == g[0].stats["base_forward_passes"] > 0
+
+
+def test_micro_batches_take_the_steps_of_whole_batches():
+    """Length-sorted micro-batches against a plain loop over whole batches: same losses, same weights after 2 steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    r = reasoner("smoke")
+    tok = r.tokenizer
+    pairs = [("Q: 1+2\n<think>", "1+2=3</think>Answer: 3", "1+2=4</think>Answer: 4"),
+             ("Q: 10+20-3\n<think>", "10+20=30 30-3=27</think>Answer: 27", "1</think>Answer: 1"),
+             ("Q: 5-1\n<think>", "5-1=4</think>Answer: 4", "5-1=3 so it is 3</think>Answer: 3"),
+             ("Q: 7+7\n<think>", "7+7=14</think>Answer: 14", "7+7=15</think>Answer: 15"),
+             ("Q: 9-2-1\n<think>", "9-2=7 7-1=6</think>Answer: 6", "9-2=7 7-1=5</think>Answer: 5")] * 2
+    lr, beta = 1e-2, 0.5
+    ref = copy.deepcopy(r.model).train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.05)
+    schedule = get_cosine_schedule_with_warmup(opt, 0, 2)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
+    ref_losses = []
+    for batch in (order[:5], order[5:]):
+        x = [pairs[i][0] for i in batch]
+        logp = response_logprobs(ref, *encode_responses(tok, x + x, [pairs[i][1] for i in batch] +
+                                                        [pairs[i][2] for i in batch]))
+        loss = genarm_loss(logp[:5], logp[5:], beta)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        opt.step()
+        schedule.step()
+        ref_losses.append(float(loss))
+    arm = copy.deepcopy(r.model)
+    losses = train_arm(arm, tok, pairs, beta_r=beta, epochs=1, batch_size=5, lr=lr, micro_batch=2, seed=0)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    diff = max(float((a - b).abs().max()) for a, b in zip(arm.parameters(), ref.parameters()))
+    assert diff < 1e-2 * lr  # Adam's first steps are about lr * sign(g): rounding in near-zero g moves < 1% of lr
 
 
 def test_training_a_whole_model_still_works():

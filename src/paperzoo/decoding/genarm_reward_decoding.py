@@ -133,17 +133,22 @@ def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 @torch.no_grad()
 def sequence_reward(arm, tokenizer, prompts: Sequence[str], responses: Sequence[str], beta_r: float = 1.0,
                     batch_size: int = 64) -> torch.Tensor:
-    """Whole-sequence reward r(x, y) = beta_r sum_t log pi_r(y_t | x, y_<t) (the ARM parametrisation): [N]."""
+    """Whole-sequence reward r(x, y) = beta_r sum_t log pi_r(y_t | x, y_<t) (the ARM parametrisation): [N].
+
+    Batches are formed after sorting by length, so each pads only to its own longest text.
+    """
     if len(prompts) != len(responses) or len(prompts) == 0:
         raise ValueError("sequence_reward needs one response per prompt, and at least one")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        ids, attn, resp = encode_responses(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = torch.empty(len(prompts))
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        ids, attn, resp = encode_responses(tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows])
         check_positions(arm, ids.shape[1], 0, what="reward model")
-        out.append(beta_r * response_logprobs(arm, ids, attn, resp))
-    return torch.cat(out)
+        out[rows] = beta_r * response_logprobs(arm, ids, attn, resp)
+    return out
 
 
 def lora_arm(base: nn.Module, rank: int = PAPER_LORA_RANK, alpha: float = PAPER_LORA_ALPHA,
@@ -167,19 +172,24 @@ def lora_arm(base: nn.Module, rank: int = PAPER_LORA_RANK, alpha: float = PAPER_
 
 def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: float = PAPER_BETA_R,
               epochs: int = PAPER_EPOCHS, batch_size: int = PAPER_BATCH, lr: float = PAPER_LR,
-              warmup_steps: int = 0, weight_decay: float = PAPER_WEIGHT_DECAY, seed: int = 0) -> list[float]:
+              warmup_steps: int = 0, weight_decay: float = PAPER_WEIGHT_DECAY, seed: int = 0,
+              micro_batch: int = 8) -> list[float]:
     """Train `arm` in place on (prompt, preferred, rejected) triples with `genarm_loss`; returns the losses.
 
     `epochs` passes over the pairs in a seeded random order, batches of `batch_size`
     pairs, AdamW with linear warm-up then cosine decay, gradients clipped at 1. Only
     parameters that require gradients are trained (a LoRA adapter from `lora_arm`, or a
-    whole model).
+    whole model). Each batch's gradient is accumulated over forward passes of at most
+    `micro_batch` pairs, the batch's pairs sorted by length, so a pass pads only to its
+    own longest sequence: the same gradient as one pass over the batch (up to float
+    rounding, and dropout's draws), for a fraction of the padding when lengths vary.
     """
     if not pairs:
         raise ValueError("train_arm needs at least one preference pair")
-    if epochs < 1 or batch_size < 1 or lr <= 0 or warmup_steps < 0 or weight_decay < 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0, warmup_steps >= 0 and weight_decay >= 0, "
-                         f"got {epochs}, {batch_size}, {lr}, {warmup_steps} and {weight_decay}")
+    if epochs < 1 or batch_size < 1 or micro_batch < 1 or lr <= 0 or warmup_steps < 0 or weight_decay < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, micro_batch >= 1, lr > 0, warmup_steps >= 0 and "
+                         f"weight_decay >= 0, got {epochs}, {batch_size}, {micro_batch}, {lr}, {warmup_steps} and "
+                         f"{weight_decay}")
     if beta_r <= 0:
         raise ValueError(f"beta_r must be positive, not {beta_r}")
     params = [p for p in arm.parameters() if p.requires_grad]
@@ -189,23 +199,28 @@ def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: flo
     per_epoch = math.ceil(len(pairs) / batch_size)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(opt, warmup_steps, epochs * per_epoch)
+    n_tokens = [len(tokenizer(x, add_special_tokens=False)["input_ids"])
+                + max(len(tokenizer(y, add_special_tokens=False)["input_ids"]) for y in (w, l)) for x, w, l in pairs]
     arm.train()
     losses = []
     for _ in range(epochs):
         order = torch.randperm(len(pairs), generator=g).tolist()
         for start in range(0, len(pairs), batch_size):
-            idx = order[start:start + batch_size]
-            x = [pairs[i][0] for i in idx]
-            ids, attn, resp = encode_responses(tokenizer, x + x,
-                                               [pairs[i][1] for i in idx] + [pairs[i][2] for i in idx])
-            logp = response_logprobs(arm, ids, attn, resp)  # [2B]: preferred then rejected
-            loss = genarm_loss(logp[:len(idx)], logp[len(idx):], beta_r)
+            idx = sorted(order[start:start + batch_size], key=lambda i: n_tokens[i])
             opt.zero_grad()
-            loss.backward()
+            loss = 0.0
+            for part in (idx[k:k + micro_batch] for k in range(0, len(idx), micro_batch)):
+                x = [pairs[i][0] for i in part]
+                ids, attn, resp = encode_responses(tokenizer, x + x,
+                                                   [pairs[i][1] for i in part] + [pairs[i][2] for i in part])
+                logp = response_logprobs(arm, ids, attn, resp)  # [2b]: preferred then rejected
+                part_loss = genarm_loss(logp[:len(part)], logp[len(part):], beta_r) * (len(part) / len(idx))
+                part_loss.backward()  # the batch's mean loss, accumulated part by part
+                loss += float(part_loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
     arm.eval()
     return losses
 
