@@ -17,6 +17,7 @@ from paperzoo.decoding.bon_aware_finetuning import (
     pass_at_k,
     rejection_sampling_weights,
     weighted_finetune_step,
+    weighted_nll,
 )
 from paperzoo.experiments.decoding.bon_aware_finetuning import checks, decided, preconditions
 from tests.tiny_models import ARCHS, tiny
@@ -183,6 +184,31 @@ def test_weighted_step_moves_likelihood_with_the_sign_of_the_weight():
         weighted_finetune_step(model, opt, prompts, completions, torch.zeros(3), pad_id=0)
     with pytest.raises(ValueError, match="weights must be finite"):
         weighted_finetune_step(model, opt, prompts, completions, torch.tensor([1.0, math.inf]), pad_id=0)
+
+
+def test_weighted_step_in_micro_batches_is_the_one_pass_step():
+    """SGD, so a step is the gradient itself: two steps in length-sorted micro-batches against a plain one-pass loop."""
+    prompts = [[3, 4], [5], [3, 4, 6], [7, 8], [9]]
+    completions = [[9, 10, 11], [20, 21, 22, 23, 24, 25], [12], [13, 14], [15, 16, 17, 18]]
+    weights = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.0])  # one zero weight: skipped, still in the mean
+    keep = [0, 1, 3, 4]
+    ref = tiny("llama")
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    ref_losses = []
+    for _ in range(2):
+        logp, _ = completion_logprobs(ref, [prompts[i] for i in keep], [completions[i] for i in keep], 0)
+        loss = weighted_nll(logp, weights[keep]) * 4 / 5
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(float(loss))
+    for micro in (2, 1):
+        model = tiny("llama")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = [weighted_finetune_step(model, opt, prompts, completions, weights, pad_id=0, grad_clip=1e9,
+                                         micro_batch=micro) for _ in range(2)]
+        assert losses == pytest.approx(ref_losses, abs=1e-5)  # small differences of larger weighted terms
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), ref.parameters()))
 
 
 def _metrics(base, rft, rl, bon):

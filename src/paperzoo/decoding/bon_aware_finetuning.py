@@ -177,11 +177,13 @@ def weighted_nll(logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_finetune_step(model, optimizer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                           weights: torch.Tensor, pad_id: int, grad_clip: float = 1.0) -> float:
+                           weights: torch.Tensor, pad_id: int, grad_clip: float = 1.0, micro_batch: int = 16) -> float:
     """One optimiser step on the weighted log-likelihood of sampled completions; returns the loss.
 
     `weights` is flat [M] (e.g. ``bon_rlb_weights(...).flatten()``); zero-weight
-    samples are skipped, as they contribute no gradient.
+    samples are skipped, as they contribute no gradient. The gradient is accumulated
+    over forward passes of at most `micro_batch` samples sorted by length, so each pads
+    only to its own longest sample: the same step as one pass, up to float rounding.
     """
     if len(prompts) != len(completions) or not completions:
         raise ValueError(f"prompts and completions must be non-empty and of equal length, "
@@ -190,21 +192,25 @@ def weighted_finetune_step(model, optimizer, prompts: Sequence[Sequence[int]], c
         raise ValueError(f"weights must be a tensor of shape [{len(completions)}] (one per completion)")
     if not torch.isfinite(weights).all():
         raise ValueError("weights must be finite")
-    if not grad_clip > 0:
-        raise ValueError(f"grad_clip must be positive, not {grad_clip}")
+    if not grad_clip > 0 or micro_batch < 1:
+        raise ValueError(f"grad_clip must be positive and micro_batch at least 1, not {grad_clip} and {micro_batch}")
     keep = [i for i in range(len(completions)) if float(weights[i]) != 0.0]
     if not keep:
         return 0.0
+    keep.sort(key=lambda i: len(prompts[i]) + len(completions[i]))
     model.train()
-    logp, _ = completion_logprobs(model, [prompts[i] for i in keep], [completions[i] for i in keep], pad_id)
-    # Mean over all M samples (zeros included), so the step size does not depend on how many were skipped.
-    loss = weighted_nll(logp, weights[keep].to(logp.dtype)) * len(keep) / len(completions)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = 0.0
+    for part in (keep[k:k + micro_batch] for k in range(0, len(keep), micro_batch)):
+        logp, _ = completion_logprobs(model, [prompts[i] for i in part], [completions[i] for i in part], pad_id)
+        # Mean over all M samples (zeros included), so the step size does not depend on how many were skipped.
+        part_loss = weighted_nll(logp, weights[part].to(logp.dtype)) * len(part) / len(completions)
+        part_loss.backward()
+        loss += float(part_loss.detach())
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     model.eval()
-    return float(loss.detach())
+    return loss
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
