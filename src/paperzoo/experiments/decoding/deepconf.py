@@ -10,9 +10,11 @@ Scaled-down settings, fixed before running: B = 64 traces instead of 512 (the
 official online script uses 256), 4 warm-up traces: the official script's share of
 the budget (16 of 256, 6.25%), k = 20, tau = 0.95, and a window and tail of 32 tokens
 instead of 2048. The paper's traces run to ~10-15k tokens, so its window is about a
-sixth of a trace; the v2 reasoner's traces on these tiers run to ~170 tokens on
+sixth of a trace; the v2 reasoner's traces on these tiers ran to ~170 tokens on
 average (one column-work line is 30-60), so 32 tokens is a similar fraction and under
-one line. Sampling at temperature 1 (the model's own distribution; the paper's
+one line. The v3 reasoner's samples at temperature 1 run to ~240 tokens over its four
+tiers (124 on the easiest, 385 on the hardest, where 30% of samples reach the 640 cap;
+256 samples measured at commit 3fc690d), and the window was kept. Sampling at temperature 1 (the model's own distribution; the paper's
 GPT-OSS setting). Online traces are drawn four at a time per problem (consensus is
 tested after each draw of four rather than after every trace) to batch the CPU work;
 the official script draws all of them at once and has no consensus stop at all.
