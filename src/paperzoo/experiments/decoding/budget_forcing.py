@@ -18,8 +18,20 @@ recomputed); (3) the uncapped reasoner is off its floor and ceiling (5% to 95%
 right), so accuracy can move both ways. A scratchpad step is one of the reasoner's work
 lines, ``[lead]a op b: <columns> so c`` (``37+48: 7+8=15 3+4+1=8 so 85``, ``7x=683-25: ...
 so 658``); a step is wrong when c is not a op b, whatever its columns say. The reasoner
-(version 2, issue 10) trained on traces of which 15% hold a wrong step re-checked after
-"Wait", so (1) and (2) test whether that habit carries over to a forced "Wait".
+(versions 2 and 3, issue 10) trained on traces of which 15% hold a wrong step re-checked
+after "Wait", so (1) and (2) test whether that habit carries over to a forced "Wait".
+
+On reasoner v3 (sweep at commit a71bc1f, three seeds): (1) holds in every seed (72-76% of
+extended traces re-check) and (2) in two (14% and 31% of recomputed wrong steps come out
+right; 0% in seed 2), and forced "Wait"s lower accuracy at once (uncapped 0.69-0.77; one
+"Wait" 0.47-0.48, four 0.08-0.15; the no-string ablation falls faster). What the
+preconditions do not catch, and what we read as the likely cause: in v3's training traces
+"Wait" only ever follows a *wrong* step, naming the wrong column, so after right work a
+forced "Wait" is read as "the last step was wrong" and the model rewrites a right answer
+(often into text that is no longer a work line). s1's traces also use "Wait" to confirm
+right work. A precondition for that (a forced "Wait" after a right trace mostly keeps its
+answer) is not added here after the fact: it belongs with a reasoner whose re-checks also
+confirm right steps, fixed before that run.
 
 Margins. Scaling (the paper's mean pairwise slope of accuracy against mean thinking
 tokens) is linear in the accuracies once the thinking-token coordinates are fixed
