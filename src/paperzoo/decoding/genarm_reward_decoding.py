@@ -49,7 +49,8 @@ by default):
   ``train_arm_llama.py``): the ARM is the base model with a LoRA adapter (peft; rank 8,
   alpha 16, dropout 0.05, on the attention projections q, k, v), trained for one epoch
   with AdamW at 5e-4, a cosine schedule after a short linear warm-up, weight decay 0.05,
-  batches of 32 pairs and gradient clipping at 1 (the Trainer's default); beta_r = 0.05
+  batches of 32 pairs (their gradient accumulated over length-sorted passes of 8, to pad
+  less) and gradient clipping at 1 (the Trainer's default); beta_r = 0.05
   for HH-RLHF. `lora_arm` builds such an ARM and `train_arm` trains whatever parameters
   require gradients (the adapter, or a whole model). `genarm_generate` takes a plain
   causal LM or a peft model as ARM.
