@@ -81,6 +81,8 @@ def test_counting_predicate_fails_when_one_d_serves_every_m_or_mfe_needs_less():
     flat = _grid({"QC": {8: 16, 16: 16, 32: 16}, "MFE": {8: 16, 16: 16, 32: 16}})  # d = 16 counts at m = 32
     below, slope, mfe = exp.checks(flat).values()
     assert below is False and slope is False and mfe is True
+    steep = _grid({"QC": {8: 4, 16: 16, 32: 64}, "MFE": {8: 16, 16: 32, 32: 64}})  # slope 2: faster than m
+    assert list(exp.checks(steep).values())[1] is False
     cheap_mfe = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 4, 16: 16, 32: 32}})
     assert list(exp.checks(cheap_mfe).values())[2] is False
 
