@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from paperzoo.experiments.phenomena.icl_representations import (
-    GraphWalkMetaTraining, checks, log_logistic_fit, preconditions, random_regular_graph, within)
+    GraphWalkMetaTraining, checks, preconditions, random_regular_graph, within)
 from paperzoo.core.margins import Interval
+from paperzoo.core.measures import log_logistic_fit
 from paperzoo.phenomena.icl_representations import (
     dirichlet_energy, grid_graph, in_context_representations, laplacian, node_means, normalized_dirichlet_energy,
     pc_laplacian_alignment, random_walks, ring_graph, spectral_embedding, valid_next_mass, walk_prompts, walk_steps)

@@ -13,6 +13,8 @@ those readings once:
 - `power_law_fit(x, y)`: y = a x^b by least squares in log-log space;
 - `logistic_fit(x, y)`: y = low + (high - low) / (1 + exp(-(x - midpoint) / width)), the midpoint
   kept inside the measured range;
+- `log_logistic_fit(t, y, direction)`: the same in ln t for a fall or a rise over context
+  length, with the midpoint kept between the second and the second-to-last lengths;
 - `per_position_loss(model, tokens)` and `icl_score(losses, early, late)`: the in-context
   learning score of Olsson et al. (2022), the loss at a late position minus the loss at
   an early one (negative: the context helps).
@@ -141,6 +143,55 @@ def logistic_fit(x: Sequence[float], y: Sequence[float]) -> Logistic:
     bounds = ([-np.inf, -np.inf, float(x.min()), span * 1e-6], [np.inf, np.inf, float(x.max()), np.inf])
     (low, high, mid, width), _ = curve_fit(f, x, y, p0=start, bounds=bounds, maxfev=20000)
     return Logistic(float(low), float(high), float(mid), float(width))
+
+
+@dataclass(frozen=True)
+class LogLogistic:
+    before: float  # the level at short context
+    after: float  # the level at long context
+    midpoint: float  # t_c, in context steps
+    width: float  # w, in ln(context)
+
+    def __call__(self, t):
+        rise = 1 / (1 + np.exp(-(np.log(t) - math.log(self.midpoint)) / self.width))
+        return self.before + (self.after - self.before) * rise
+
+    @property
+    def sharpness(self) -> float:
+        """10%-90% span in context length over the midpoint: (t_90 - t_10) / t_c = 2 sinh(ln(9) w)."""
+        return 2 * math.sinh(math.log(9) * self.width)
+
+
+def log_logistic_fit(t, y, direction: int) -> LogLogistic:
+    """Least squares of y = before + (after - before) / (1 + exp(-(ln t - ln t_c) / w)) for a fall (direction -1,
+    after <= before) or a rise (+1), on the context lengths t >= 2 (at t = 1 there is no context yet).
+
+    The direction is the claim's (the energy falls, the accuracy rises); a curve that does not move that way
+    gets no transition (the widest width). t_c is kept between the second and the second-to-last fitted
+    lengths, so that the data resolve the transition on both sides (unbounded, a fit can place a step between
+    two sampled lengths, or outside them, and call a smooth curve sharp; core's `logistic_fit` keeps its midpoint
+    only inside the measured range, in x rather than ln t),
+    and both levels stay within the data's range widened by its span.
+    """
+    if direction not in (-1, 1):
+        raise ValueError(f"direction must be -1 (a fall) or +1 (a rise), got {direction!r}")
+    t, y = np.asarray(t, dtype=float), np.asarray(y, dtype=float)
+    x, y = np.log(t[t >= 2]), y[t >= 2]
+    if len(x) < 5:
+        raise ValueError("a transition needs at least five context lengths >= 2")
+    f = lambda x, before, change, mid, w: before + direction * change / (1 + np.exp(-(x - mid) / w))
+    raw_span = float(y.max() - y.min())
+    span = raw_span or 1e-6
+    bounds = ([float(y.min()) - span, 0.0, float(x[1]), 0.02],  # before, change, ln t_c, w
+              [float(y.max()) + span, 3 * span, float(x[-2]), 5.0])
+    start = np.clip([float(y[0]), span, float(np.median(x)), 0.5], bounds[0], bounds[1])
+    try:
+        (before, change, mid, w), _ = curve_fit(f, x, y, p0=start, bounds=bounds, maxfev=20000)
+    except RuntimeError:  # no convergence: report the widest transition
+        before, change, mid, w = float(y[0]), 0.0, float(np.median(x)), 5.0
+    if raw_span == 0 or change <= 0.05 * raw_span:  # no transition the claimed way: its width means nothing, so report the widest
+        w = 5.0
+    return LogLogistic(float(before), float(before + direction * change), float(math.exp(mid)), float(w))
 
 
 @torch.no_grad()
