@@ -34,7 +34,9 @@ d = Omega(m) (a communication-complexity lower bound).
 **Deviations.** The constructions are written as functions of the embeddings rather than as
 weights of an HF model; `inverse_mlp` reads w exactly at the n + 1 possible values 1/(c+1)
 with n ReLUs (piecewise-linear interpolation), one way to realise the paper's f(w) = 1/w.
-The experiment (training one-layer models over a grid of d around m) is not built yet.
+The experiment (`paperzoo.experiments.phenomena.transformer_counting`) trains one-layer
+models over a grid of d around m; `paperzoo.core.tasks.QueryCount` and `MostFrequent` draw
+the sequences.
 """
 
 from __future__ import annotations
