@@ -200,14 +200,13 @@ def train_arm(arm, tokenizer, pairs: Sequence[tuple[str, str, str]], beta_r: flo
     per_epoch = math.ceil(len(pairs) / batch_size)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(opt, warmup_steps, epochs * per_epoch)
-    n_tokens = [len(tokenizer(x, add_special_tokens=False)["input_ids"])
-                + max(len(tokenizer(y, add_special_tokens=False)["input_ids"]) for y in (w, l)) for x, w, l in pairs]
+    length = [len(x) + max(len(w), len(l)) for x, w, l in pairs]  # characters: a proxy, for sorting only
     arm.train()
     losses = []
     for _ in range(epochs):
         order = torch.randperm(len(pairs), generator=g).tolist()
         for start in range(0, len(pairs), batch_size):
-            idx = sorted(order[start:start + batch_size], key=lambda i: n_tokens[i])
+            idx = sorted(order[start:start + batch_size], key=lambda i: length[i])
             opt.zero_grad()
             loss = 0.0
             for part in (idx[k:k + micro_batch] for k in range(0, len(idx), micro_batch)):
