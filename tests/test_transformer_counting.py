@@ -91,6 +91,8 @@ def test_counting_predicate_is_undecided_on_a_straddling_interval_and_needs_the_
     m = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 8, 16: 16, 32: 32}})
     next(c for c in m["grid"] if c["task"] == "QC" and c["m"] == 16 and c["d"] == 8)["counts"] = None
     assert list(exp.checks(m).values()) == [None, None, None]
+    next(c for c in m["grid"] if c["task"] == "QC" and c["m"] == 32 and c["d"] == 16)["counts"] = True
+    assert list(exp.checks(m).values())[0] is False  # one cell below m counts: decided, whatever the undecided one
     never = _grid({"QC": {8: 8, 16: 16, 32: 32}, "MFE": {8: 8, 16: 16, 32: 32}})
     next(c for c in never["grid"] if c["task"] == "QC" and c["m"] == 32 and c["d"] == 64)["counts"] = False
     assert list(exp.preconditions(never).values()) == [False]

@@ -122,7 +122,7 @@ def checks(m: dict) -> dict[str, bool | None]:
     slope = None if None in qc.values() else loglog_slope(ms, [qc[v] for v in ms])
     return {
         f"below the threshold no model counts: at d = m/2, QC accuracy is below {BAR:.0%} for every m":
-            None if None in below else not any(below),
+            all_of(None if c is None else not c for c in below),  # a cell that counts fails it, undecided or not
         f"the smallest d that counts QC grows in proportion to m (log-log slope in {list(SLOPE_BAND)})":
             None if slope is None else SLOPE_BAND[0] <= slope <= SLOPE_BAND[1],
         "MFE needs at least counting's dimension: d*_MFE(m) >= d*_QC(m) for every m":
