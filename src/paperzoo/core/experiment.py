@@ -356,7 +356,8 @@ def aggregate(runs: Sequence[dict]) -> dict:
     if first["scale"] == "smoke":
         verdict_, reason = "smoke", "smoke runs claim no verdict"
     elif unmet := [k for k, v in preconditions.items() if not all(x is True for x in v)]:
-        verdict_, reason = "inconclusive", "precondition not met: " + "; ".join(unmet)
+        verdict_, reason = "inconclusive", "precondition not met: " + "; ".join(
+            f"{k} (seed {', '.join(str(s) for s, x in zip(seeds, preconditions[k]) if x is not True)})" for k in unmet)
     elif all(r["verdict"] == "reproduced" for r in runs):
         verdict_, reason = "reproduced", f"every seed reproduces ({len(runs)} seeds)"
     elif common := [k for k, v in checks.items() if all(x is False for x in v)]:
@@ -366,6 +367,8 @@ def aggregate(runs: Sequence[dict]) -> dict:
         verdict_, reason = "inconclusive", "undecidable in every seed: " + "; ".join(open_)
     else:
         verdict_, reason = "inconclusive", "seeds disagree"
+    if len({r["verdict"] for r in runs}) > 1:
+        reason += "; per seed: " + ", ".join(f"{r['seed']} {r['verdict']}" for r in runs)
     return {
         "kind": "aggregate",
         "paper": first["paper"], "claim": first["claim"], "source": first.get("source", ""),
