@@ -28,6 +28,10 @@ Tasks so far:
 - `AssociativeRecall`, `MaxRetrieval` and `Passkey` (the architectures papers, compared by
   `paperzoo.core.blocks.compare_blocks`): read out at the last position, so non-causal
   mixers fit.
+- `TypedLanguage` and `TypedLanguageTask` (A Percolation Model of Emergence, 2408.12578): a
+  PCFG over parts of speech whose entity and property slots must type-check under a
+  bipartite entity-property graph, with its parser and type checker, in the paper's three
+  task formats (free generation, unscrambling, conditional generation).
 """
 
 from __future__ import annotations
@@ -660,3 +664,300 @@ def train_on_task(task, config: TaskModelConfig, training: TaskTraining, seed: i
         return model, history
     model, _, history = load_trained(store.cached_dir(path, build), shared=False)
     return model, history
+
+
+# ---------------------------------------------------------------------------------------------
+# A typed formal language: a PCFG over parts of speech and an entity-property graph (2408.12578)
+
+
+@dataclass(frozen=True)
+class TypedLanguage:
+    """A PCFG over parts of speech whose slots are filled under a bipartite entity-property type graph.
+
+    After A Percolation Model of Emergence (Lubana et al., arXiv:2408.12578; official code
+    github.com/EkdeepSLubana/ConceptPercolation, ``dgp/PCSG.py`` and ``dgp/makeConceptClasses.py``),
+    cut down to the parts its emergence story needs:
+
+    - *grammar* (a PCFG over parts of speech): ``S -> CL R``, ``R -> 'and' CL R [continue_prob] |
+      '<eos>'``, ``CL -> ENTITY 'is' PROPERTY``, with at most `max_clauses` clauses (the official
+      grammar's ``VP -> descPreP descV`` with one copula and one conjunction);
+    - *type constraints*: entity e and property k type-check iff they belong to the same concept
+      class (the official code gives each class its own descriptive properties); entity i is in
+      class ``i % classes``, property j in class ``j % classes``. The valid pairs form a bipartite
+      graph of `classes` complete blocks, |E|/C x |K|/C each;
+    - *held-out pairs*: a share `held_out` of the valid pairs (drawn by `seed`, redrawn until every
+      block's training graph stays connected) never appears in training sentences, so that
+      producing one requires inferring it through the class structure (the paper's move from
+      memorisation to generalisation, which its percolation model describes).
+
+    Token ids: entities ``0..E-1``, properties ``E..E+K-1``, then ``is``, ``and``, ``<eos>``,
+    the task tokens ``T0`` (free generation), ``T1`` (unscrambling), ``T2`` (conditional
+    generation), ``Out:`` and ``<pad>``. `parse` is the grammar's parser and `type_check` the
+    type checker; `TypedLanguageTask` draws training and evaluation rows.
+    """
+
+    entities: int = 12
+    properties: int = 24
+    classes: int = 3
+    max_clauses: int = 3
+    continue_prob: float = 0.7
+    held_out: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.max_clauses <= self.classes:
+            raise ValueError(f"max_clauses must be in 1..classes ({self.classes}): clauses use distinct classes")
+        if self.entities < self.classes or self.properties < self.classes:
+            raise ValueError("every class needs at least one entity and one property")
+        if not 0.0 <= self.held_out < 1.0:
+            raise ValueError(f"held_out must be in [0, 1), not {self.held_out}")
+
+    # token ids
+    @property
+    def IS(self) -> int:
+        return self.entities + self.properties
+
+    @property
+    def AND(self) -> int:
+        return self.IS + 1
+
+    @property
+    def EOS(self) -> int:
+        return self.IS + 2
+
+    def task_token(self, task: int) -> int:
+        return self.IS + 3 + task
+
+    @property
+    def OUT(self) -> int:
+        return self.IS + 6
+
+    @property
+    def PAD(self) -> int:
+        return self.IS + 7
+
+    @property
+    def vocab_size(self) -> int:
+        return self.IS + 8
+
+    @property
+    def sentence_max(self) -> int:
+        """Tokens of the longest sentence, <eos> included."""
+        return 4 * self.max_clauses
+
+    def entity_class(self, e: int) -> int:
+        return e % self.classes
+
+    def property_class(self, k: int) -> int:
+        """Class of property token k (a token id, E..E+K-1)."""
+        return (k - self.entities) % self.classes
+
+    def is_entity(self, t: int) -> bool:
+        return 0 <= t < self.entities
+
+    def is_property(self, t: int) -> bool:
+        return self.entities <= t < self.entities + self.properties
+
+    def valid(self, e: int, k: int) -> bool:
+        """The type constraint: entity e may carry property token k."""
+        return self.is_entity(e) and self.is_property(k) and self.entity_class(e) == self.property_class(k)
+
+    @cached_property
+    def valid_pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple((e, k) for e in range(self.entities) for k in range(self.entities, self.entities + self.properties)
+                     if self.valid(e, k))
+
+    @cached_property
+    def split_pairs(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """(training pairs, held-out pairs): held-out pairs never occur in training rows."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        g, pairs = _generator(self.seed), self.valid_pairs
+        n = self.entities + self.properties
+        for _ in range(1000):
+            held = torch.rand(len(pairs), generator=g) < self.held_out
+            train = [p for p, h in zip(pairs, held.tolist()) if not h]
+            rows, cols = zip(*train)
+            graph = coo_matrix(([1] * len(train), (rows, cols)), shape=(n, n))
+            if connected_components(graph, directed=False)[0] == self.classes:  # one component per class
+                return tuple(train), tuple(p for p, h in zip(pairs, held.tolist()) if h)
+        raise ValueError("could not hold out pairs and keep every class connected: lower held_out")
+
+    def pairs_by_class(self, split: str) -> list[list[tuple[int, int]]]:
+        train, held = self.split_pairs
+        pool = {"train": train, "held_out": held, "all": self.valid_pairs}[split]
+        out = [[] for _ in range(self.classes)]
+        for e, k in pool:
+            out[self.entity_class(e)].append((e, k))
+        return out
+
+    def sentence(self, pairs: list[tuple[int, int]]) -> list[int]:
+        """The sentence ``e1 is k1 and e2 is k2 ... <eos>`` for clauses [(e, k), ...]."""
+        tokens = []
+        for i, (e, k) in enumerate(pairs):
+            tokens += ([self.AND] if i else []) + [e, self.IS, k]
+        return tokens + [self.EOS]
+
+    def parse(self, tokens) -> list[tuple[int, int]] | None:
+        """The clauses [(entity, property), ...] of a grammatical sentence, or None if it does not parse.
+
+        `tokens` is the sentence up to and including its first <eos> (anything after it is ignored;
+        no <eos> means unfinished, hence ungrammatical). The grammar: CL ('and' CL)* '<eos>',
+        CL = ENTITY 'is' PROPERTY, at most `max_clauses` clauses.
+        """
+        tokens = [int(t) for t in tokens]
+        if self.EOS not in tokens:
+            return None
+        tokens = tokens[: tokens.index(self.EOS)]
+        clauses, i = [], 0
+        while True:
+            if i + 3 > len(tokens):
+                return None
+            e, cop, k = tokens[i:i + 3]
+            if not (self.is_entity(e) and cop == self.IS and self.is_property(k)):
+                return None
+            clauses.append((e, k))
+            i += 3
+            if i == len(tokens):
+                return clauses if len(clauses) <= self.max_clauses else None
+            if tokens[i] != self.AND:
+                return None
+            i += 1
+
+    def type_check(self, clauses: list[tuple[int, int]]) -> list[bool]:
+        """Per clause: does its (entity, property) pair satisfy the type constraint?"""
+        return [self.valid(e, k) for e, k in clauses]
+
+    def solves(self, task: int, ops, sentence) -> bool:
+        """The task checker: does `sentence` (output tokens) solve task `task` (0 free, 1 unscramble, 2 conditional)?
+
+        Every task needs a grammatical sentence whose clauses all type-check; unscrambling also needs it
+        to use exactly the bag `ops` (any order of clauses that does so is right); conditional generation
+        needs every conditioning token of `ops` in it.
+        """
+        clauses = self.parse(sentence)
+        if clauses is None or not all(self.type_check(clauses)):
+            return False
+        words = [t for pair in clauses for t in (pair[0], self.IS, pair[1])] + [self.AND] * (len(clauses) - 1)
+        if task == 1:
+            return sorted(words) == sorted(int(t) for t in ops)
+        if task == 2:
+            return set(int(t) for t in ops) <= set(words)
+        return True
+
+    @cached_property
+    def pairs_by_class_cached(self) -> dict[str, list[list[tuple[int, int]]]]:
+        return {s: self.pairs_by_class(s) for s in ("train", "held_out", "all")}
+
+
+TYPED_TASKS = ("free", "unscramble", "conditional")
+
+
+@dataclass(frozen=True)
+class TypedLanguageTask:
+    """Rows of the paper's three tasks on a `TypedLanguage`, in its instruction format ``T ops Out: sentence``.
+
+    - free generation: ``T0 Out: sentence`` (the sentence is the model's to generate);
+    - unscrambling: ``T1 <the sentence's tokens but <eos>, shuffled> Out: sentence``;
+    - conditional generation: ``T2 <some of its entities and properties, shuffled> Out: sentence``.
+
+    `mix` gives the share of each task (the official config trains on 20% free generation and
+    the rest split evenly over the two instruction tasks: ``instr_ratio: 0.8``). Rows are
+    right-padded with ``<pad>`` to `length`. `split` says which pairs fill the sentences
+    (``"train"``, ``"held_out"``, ``"all"``); `min_clauses` raises the PCFG's floor.
+
+    `scoring`: ``"output"`` scores every token of the sentence (the training loss: the
+    model learns to write the sentence); ``"determined"`` scores, in unscrambling rows, only
+    the tokens the bag and the prefix determine: every token except the subject of a clause
+    that is not the last (several unused entities could open it). Clauses use distinct
+    classes, so each property is determined by its subject through the type constraint:
+    a model that knows the grammar but not the types gets a 3-clause row right with chance
+    1/6. Free-generation rows score nothing under ``"determined"`` (no single right answer).
+    """
+
+    language: TypedLanguage
+    mix: tuple[float, float, float] = (0.2, 0.8, 0.0)
+    split: str = "train"
+    min_clauses: int = 1
+    scoring: str = "output"
+
+    def __post_init__(self):
+        if self.split not in ("train", "held_out", "all"):
+            raise ValueError(f"split must be 'train', 'held_out' or 'all', not {self.split!r}")
+        if self.scoring not in ("output", "determined"):
+            raise ValueError(f"scoring must be 'output' or 'determined', not {self.scoring!r}")
+        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"mix needs three non-negative shares, not {self.mix}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.language.vocab_size
+
+    @property
+    def length(self) -> int:
+        L = self.language
+        return 1 + (L.sentence_max - 1) + 1 + L.sentence_max  # task, ops (at most the bag), Out:, sentence
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        """n rows, vectorised: the PCFG's clause counts, distinct classes, pairs from `split`, the ops, the sentence."""
+        g = _generator(seed)
+        L, C, M = self.language, self.language.classes, self.language.max_clauses
+        shares = torch.tensor(self.mix, dtype=torch.float)
+        task = torch.multinomial(shares / shares.sum(), n, replacement=True, generator=g)  # [n]
+        extra = (torch.rand(n, M - self.min_clauses, generator=g) < L.continue_prob).long().cumprod(dim=1).sum(dim=1)
+        clauses = self.min_clauses + extra  # [n]: 1 + (R -> 'and' CL R) expansions, capped at M
+        classes = torch.rand(n, C, generator=g).argsort(dim=1)[:, :M]  # distinct classes, one per clause
+        pools = L.pairs_by_class_cached[self.split]
+        sizes = torch.tensor([len(p) for p in pools])
+        table = torch.zeros(C, int(sizes.max()), 2, dtype=torch.long)
+        for c, pool in enumerate(pools):
+            table[c, : len(pool)] = torch.tensor(pool)
+        pick = (torch.rand(n, M, generator=g) * sizes[classes]).long()
+        pairs = table[classes, pick]  # [n, M, 2]
+        j = torch.arange(M)
+        used = j[None, :] < clauses[:, None]  # [n, M]
+        # the sentence: e is k, then 'and' between clauses and <eos> after the last; 4 tokens per clause slot
+        sent = torch.stack([pairs[..., 0], torch.full_like(pairs[..., 0], L.IS), pairs[..., 1],
+                            torch.where(j[None, :] == clauses[:, None] - 1, L.EOS, L.AND).expand(n, M)], dim=2)
+        sent_valid = used[:, :, None].expand(n, M, 4).reshape(n, 4 * M)
+        sent = sent.reshape(n, 4 * M)
+        # ops: unscrambling shuffles the sentence but its <eos>; conditional generation keeps a random nonempty
+        # subset of its entities and properties, shuffled
+        bag_valid = sent_valid & (sent != L.EOS)
+        words = pairs.reshape(n, 2 * M)
+        words_valid = used[:, :, None].expand(n, M, 2).reshape(n, 2 * M)
+        keep = 1 + (torch.rand(n, generator=g) * (2 * clauses)).long()
+        order = torch.rand(n, 2 * M, generator=g).masked_fill(~words_valid, 2.0).argsort(dim=1)
+        words, words_valid = words.gather(1, order), (torch.arange(2 * M)[None, :] < keep[:, None])
+        order = torch.rand(n, 4 * M, generator=g).masked_fill(~bag_valid, 2.0).argsort(dim=1)
+        bag, bag_valid = sent.gather(1, order), bag_valid.gather(1, order)
+        ops = torch.zeros(n, 4 * M, dtype=torch.long)
+        ops_valid = torch.zeros(n, 4 * M, dtype=torch.bool)
+        is_un, is_cond = (task == 1)[:, None], (task == 2)[:, None]
+        ops = torch.where(is_un, bag, ops)
+        ops_valid = torch.where(is_un, bag_valid, ops_valid)
+        ops[:, : 2 * M] = torch.where(is_cond, words, ops[:, : 2 * M])
+        ops_valid[:, : 2 * M] = torch.where(is_cond, words_valid, ops_valid[:, : 2 * M])
+        # what is scored in the sentence
+        if self.scoring == "output":
+            score = sent_valid.clone()
+        else:
+            position = torch.arange(4 * M)[None, :]
+            open_subject = (position % 4 == 0) & (position < 4 * (clauses[:, None] - 1))
+            score = sent_valid & ~open_subject & (task == 1)[:, None]
+        wide = torch.cat([L.task_token(0) + task[:, None], ops, torch.full((n, 1), L.OUT), sent], dim=1)
+        valid = torch.cat([torch.ones(n, 1, dtype=torch.bool), ops_valid, torch.ones(n, 1, dtype=torch.bool),
+                           sent_valid], dim=1)
+        wide_scored = torch.cat([torch.zeros(n, 1 + 4 * M + 1, dtype=torch.bool), score], dim=1)
+        order = (~valid).long().argsort(dim=1, stable=True)  # valid tokens first, in order; then padding
+        tokens = wide.gather(1, order).masked_fill(~valid.gather(1, order), L.PAD)[:, : self.length]
+        scored = wide_scored.gather(1, order)[:, : self.length]
+        return TaskBatch(tokens, scored)
+
+    def sentences(self, tokens: torch.Tensor) -> list[list[int]]:
+        """The output part (after ``Out:``) of each row."""
+        out = []
+        for row in tokens.tolist():
+            out.append(row[row.index(self.language.OUT) + 1:] if self.language.OUT in row else [])
+        return out
