@@ -233,3 +233,119 @@ def test_evaluate_scores_an_oracle_perfectly_and_an_off_by_one_oracle_not(name):
     assert (right["exact_match"], right["digit_match"], right["length_error"]) == (1.0, 1.0, 0.0)
     wrong = evaluate(Oracle(tok, answers, error=1), tok, case, n=4, digits=3)
     assert wrong["exact_match"] == 0.0 and 0.5 < wrong["digit_match"] < 1.0 and wrong["length_error"] == 0.0
+
+
+# --- the experiment's task: k-digit tokens, least-significant digit first, optional padding and index hints ----
+
+import numpy as np  # noqa: E402
+
+from paperzoo.experiments.phenomena import number_cookbook as exp  # noqa: E402
+
+
+def ref_vocabulary(k: int) -> dict[int, str]:
+    """Independent id -> digit string map: after the 6 specials, all 1-digit strings, then 2-digit, ... (official order)."""
+    strings = [str(v).zfill(n) for n in range(1, k + 1) for v in range(10**n)]
+    return {exp.NUMBER0 + i: s for i, s in enumerate(strings)}
+
+
+def decode_row(task, tokens, scored):
+    """(a, b, c) as integers from one encoded row, hints dropped, pieces read least-significant first."""
+    vocab = ref_vocabulary(task.k)
+    ids = [t for t in tokens.tolist() if t != exp.PAD]
+    assert ids[0] == exp.BOS and ids[-1] == exp.EOS
+    op_at, eq_at = ids.index(exp.OPERATOR[task.op]), ids.index(exp.EQ)
+
+    def number(part):
+        return int("".join(vocab[t] for t in part if t in vocab)[::-1])
+
+    assert scored.nonzero().flatten().tolist() == list(range(eq_at + 1, len(ids)))  # answer and EOS only
+    return number(ids[1:op_at]), number(ids[op_at + 1:eq_at]), number(ids[eq_at + 1:-1])
+
+
+def test_token_ids_follow_the_official_vocabulary_order():
+    for k in (1, 2, 3):
+        for i, s in ref_vocabulary(k).items():
+            assert exp.token_id(s) == i
+        assert exp.NumberArithmetic(k=k).vocab_size == exp.NUMBER0 + {1: 10, 2: 110, 3: 1110}[k]
+    assert exp.NumberArithmetic(k=2, hints=True, max_index=30).vocab_size == exp.NUMBER0 + 110 + 30
+
+
+def test_pieces_are_grouped_from_the_units():
+    assert exp.number_pieces("12345", 1) == list("54321")
+    assert exp.number_pieces("12345", 2) == ["54", "32", "1"]  # places 0-1, 2-3, 4
+    assert exp.number_pieces("12345", 3) == ["543", "21"]  # places 0-2, 3-4: 345 and 12 written units first
+    assert exp.number_pieces("1000", 3) == ["000", "1"]
+
+
+@pytest.mark.parametrize("op", ["add", "multiply"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("width", [0, 6])
+def test_rows_decode_to_correct_arithmetic(op, k, width):
+    task = exp.NumberArithmetic(op, k, 1, 5, width=width)
+    pairs = task.problems(200, seed=3)
+    batch = task.encode(pairs, seed=0)
+    assert batch.tokens.shape == (200, task.length) and int(batch.tokens.max()) < task.vocab_size
+    for (a, b), tokens, scored in zip(pairs, batch.tokens, batch.scored):
+        x, y, c = decode_row(task, tokens, scored)
+        assert (x, y) == (int(a), int(b)) and c == (x + y if op == "add" else x * y)
+        row = tokens.tolist()
+        op_at, eq_at = row.index(exp.OPERATOR[op]), row.index(exp.EQ)
+        padded = max(width, len(a), len(b)) if width else None  # both operands zero-padded to the width, never cut
+        assert op_at - 1 == -(-(padded or len(a)) // k) and eq_at - op_at - 1 == -(-(padded or len(b)) // k)
+
+
+def test_problems_follow_the_nupa_operand_distribution_and_are_seeded():
+    task = exp.NumberArithmetic("add", 1, 2, 6)
+    pairs = task.problems(500, seed=1)
+    assert pairs == task.problems(500, seed=1) and pairs != task.problems(500, seed=2)
+    assert {len(a) for a, _ in pairs} == set(range(2, 7))
+    assert all(len(a) // 2 <= len(b) <= len(a) for a, b in pairs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_index_hints_mark_each_operand_token_with_its_lowest_place(k):
+    task = exp.NumberArithmetic("add", k, 1, 5, hints=True, max_index=12, width=6)
+    pairs = task.problems(300, seed=0)
+    batch = task.encode(pairs, seed=0)
+    shifts = set()
+    for tokens, scored in zip(batch.tokens.tolist(), batch.scored):
+        op_at, eq_at = tokens.index(exp.OPERATOR["add"]), tokens.index(exp.EQ)
+        row_shifts = set()
+        for part in (tokens[1:op_at], tokens[op_at + 1:eq_at]):
+            hints, pieces = part[0::2], part[1::2]
+            assert all(h >= task.hint0 for h in hints) and all(p < task.hint0 for p in pieces)
+            places = [h - task.hint0 for h in hints]
+            row_shifts.add(places[0])
+            assert [p - places[0] for p in places] == [j * k for j in range(len(pieces))]
+        assert len(row_shifts) == 1  # both operands share one shift
+        shifts |= row_shifts
+        answer = [t for t, s in zip(tokens, scored.tolist()) if s]
+        assert all(t < task.hint0 for t in answer)  # no hints in the answer
+    assert max(batch.tokens.max().item() + 1, 0) <= task.vocab_size
+    assert len(shifts) > 3 and min(shifts) == 0 and max(shifts) <= 12 - 6
+
+
+def test_ordered_needs_one_digit_clearly_best_and_fails_when_multi_digit_wins():
+    n = 400
+    good, bad = np.ones(n), np.zeros(n)
+    half = np.r_[np.ones(n // 2), np.zeros(n // 2)]
+    assert exp.ordered({1: good, 2: half, 3: bad}) is True
+    assert exp.ordered({1: good, 2: good, 3: bad}) is True  # ties between neighbours are allowed
+    assert exp.ordered({1: half, 2: half, 3: half}) is None  # no difference: undecided
+    assert exp.ordered({1: bad, 2: half, 3: good}) is False  # multi-digit wins: the issue's negative
+    assert exp.ordered({1: good, 2: bad, 3: half}) is False  # 3-digit clearly beats 2-digit
+
+
+def test_checks_and_preconditions_read_the_paired_cells():
+    n = 200
+    cells = [{"op": "add", "k": k, "hints": False,
+              "correct_in_length": [1] * (n - 50 * (k - 1)) + [0] * (50 * (k - 1)),
+              "correct_longer": [1] * (n // k) + [0] * (n - n // k),
+              "correct_short": [1] * n} for k in (1, 2, 3)]
+    m = {"judged_op": "add", "cells": cells}
+    assert list(exp.preconditions(m).values()) == [True, True]
+    assert list(exp.checks(m).values()) == [True, True]
+    cells[2]["correct_short"] = [0] * n  # the 3-digit model never fitted its training problems
+    assert list(exp.preconditions(m).values()) == [True, False]
+    cells[0]["correct_in_length"] = [0] * n
+    assert list(exp.preconditions(m).values()) == [False, False] and list(exp.checks(m).values())[0] is False
