@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from paperzoo.core.tasks import GroupWordProblem, TaskBatch, TaskTraining
 from paperzoo.phenomena.illusion_of_state import (
-    IDS4, KINDS, DiagonalSelectiveSSM, ElmanRNN, StateTrackingConfig, min_depth, train_word_problem)
+    IDS4, KINDS, DiagonalSelectiveSSM, ElmanRNN, StateTrackingConfig, min_depth, mixed_length_labels,
+    train_word_problem)
 
 
 def predictions(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -154,3 +155,16 @@ def test_training_one_layer_ids4_learns_z5():
     history = train_word_problem(model, task, TaskTraining(steps=600, batch_size=32), eval_size=256)
     assert history["train_loss"][-1] < 0.05
     assert history["accuracy"] > 0.9  # read against the targets s_t, not the input tokens
+
+
+def test_mixed_length_labels_keep_a_prefix_of_every_length_from_min_to_L():
+    task = GroupWordProblem("A5", 8, "every-prefix")
+    batch = task.sample(2000, seed=0)
+    labels = mixed_length_labels(batch, 2, seed=0)
+    kept = labels != -100
+    lengths = kept.sum(1)
+    assert set(lengths.tolist()) == set(range(2, 9))  # uniform over 2..L: every length occurs
+    for row in range(20):
+        n = lengths[row].item()
+        assert kept[row, 2:2 + n].all() and not kept[row, 2 + n:].any()  # s_1 .. s_n, nothing after
+    assert torch.equal(labels[kept], batch.labels[kept])

@@ -29,6 +29,19 @@ addition modulo p (the cyclic group Z_p):
 of length L and one answer-only model per length in `lengths`, and tests them all on the
 prefixes of the same held-out words.
 
+*A curriculum for the answer-only models* (`IdentityPaddedWords`, ``cot_gap(...,
+curriculum=True)``). With the final answer as the only signal, even the parallel word
+problem is hard for gradient descent: the sum of l elements of Z_7 is independent of every
+proper subset of them, like parity, and a one-layer model trained on answer-only words of
+Z_7 stayed at chance at length 8 (2,000 and 5,000 steps, batch 64 and 256; seed 0) while it
+learned length 4. `IdentityPaddedWords` keeps the answer-only format at length l but draws,
+for each word, a number k uniform in 1..l of positions that carry a uniform group element;
+the others hold the identity, so the answer is the product of k elements and short products
+teach the long ones. Only the final answer is supervised (no intermediate state is shown or
+scored), so it stays an answer-only model; it is tested on full words (every position
+uniform). The same curriculum is used for every group. With it the Z_7 model reached 0.89
+at length 8 in 3,000 steps (seed 0), but still not length 16 (6,000 steps).
+
 **Deviations.** Iterated squaring and the circuit value problem are not built (the
 word problems carry the serial-versus-parallel contrast, and they are the review's
 suggested test); the models are tiny HF Llama decoders (rotary positions, RMSNorm,
@@ -41,10 +54,50 @@ unlearnable prefixes drowned the short ones, and it did not even learn one produ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from paperzoo.core.tasks import Group, GroupWordProblem, TaskModelConfig, TaskTraining, group, train_on_task
+from paperzoo.core.tasks import (Group, GroupWordProblem, TaskBatch, TaskModelConfig, TaskTraining, group,
+                                 train_on_task)
+
+
+@dataclass(frozen=True)
+class IdentityPaddedWords:
+    """Answer-only words ``<start> g_1 .. g_L s_L`` in which k ~ U{1..L} random positions hold a uniform element.
+
+    The other positions hold the identity (element 0), so s_L is the product of the k drawn
+    elements in order: a curriculum over the number of factors inside the fixed answer-only
+    format of `GroupWordProblem` (same tokens, same scored position; only s_L is scored).
+    """
+
+    group_name: str
+    L: int
+
+    @cached_property
+    def words(self) -> GroupWordProblem:
+        return GroupWordProblem(self.group_name, self.L, "answer")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.words.vocab_size
+
+    @property
+    def length(self) -> int:
+        return self.words.length
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        g = torch.Generator().manual_seed(int(seed))
+        G = self.words.group
+        elements = torch.randint(0, G.order, (n, self.L), generator=g)
+        k = torch.randint(1, self.L + 1, (n, 1), generator=g)
+        rank = torch.rand(n, self.L, generator=g).argsort(dim=1).argsort(dim=1)  # a random order of the positions
+        elements = elements.masked_fill(rank >= k, 0)  # all but k positions hold the identity
+        product = self.words.prefix_products(elements)[:, -1:] + G.order
+        tokens = torch.cat([torch.full((n, 1), self.words.start), elements, product], dim=1)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, -1] = True
+        return TaskBatch(tokens, scored)
 
 
 def _tokens(group: Group, words: torch.Tensor) -> torch.Tensor:
@@ -92,21 +145,26 @@ class CotGap:
 
 
 def cot_gap(config: TaskModelConfig, group_name: str, L: int, lengths, training: TaskTraining, seed: int = 0,
-            n_test: int = 512) -> CotGap:
+            n_test: int = 512, curriculum: bool = False, chain_training: TaskTraining | None = None) -> CotGap:
     """A chain model on words of length L and an answer-only model per length in `lengths`, all of `config`.
 
-    Every model trains for the same steps on words drawn with `seed`; all are tested on the
+    Every model trains with `training` on words drawn with `seed` (the chain model with `chain_training`
+    when it is given); all are tested on the
     prefixes of the same `n_test` held-out words, drawn with a seed no training pool uses.
+    With `curriculum`, the answer-only models train on `IdentityPaddedWords` (still tested on full words);
+    `chain_training`, when given, replaces `training` for the chain model.
     """
     if any(not 1 <= length <= L for length in lengths):
         raise ValueError(f"every length must be in 1..{L}, got {list(lengths)}")
-    chain_model, history = train_on_task(GroupWordProblem(group_name, L, "cot"), config, training, seed=seed)
+    chain_model, history = train_on_task(GroupWordProblem(group_name, L, "cot"), config, chain_training or training,
+                                         seed=seed)
     seconds = {"chain": history["seconds"]}
     g = group(group_name)
     words = torch.randint(0, g.order, (n_test, L), generator=torch.Generator().manual_seed(2 * 10**9 + seed))
     answer = {}
     for length in lengths:
-        model, history = train_on_task(GroupWordProblem(group_name, length, "answer"), config, training, seed=seed)
+        task = IdentityPaddedWords(group_name, length) if curriculum else GroupWordProblem(group_name, length, "answer")
+        model, history = train_on_task(task, config, training, seed=seed)
         answer[length] = answer_right(model, g, words[:, :length])
         seconds[f"answer@{length}"] = history["seconds"]
     return CotGap(group_name, chain_right(chain_model, g, words), answer, seconds)

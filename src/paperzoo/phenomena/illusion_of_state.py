@@ -57,7 +57,12 @@ Deviations from the paper:
   connections, LayerNorm and an MLP around every mixer, the same for all three, so depth
   means the same thing for each.
 - Models are trained on fresh samples with the project's loop (`train_word_problem`), not
-  cached: `train_on_task` saves and loads Hugging Face models only.
+  cached: `train_on_task` saves and loads Hugging Face models only. The paper's code
+  (github.com/jopetty/word-problem, src/main.py: `get_dataset` with its default
+  ``strict_len=False``) trains on the words of every length from 2 to L together;
+  `train_word_problem(min_length=2)` does the same by cutting each training word's targets at a
+  length drawn uniformly from 2..L (`mixed_length_labels`; the files of the paper's code are not
+  equally large, so its mixture is not exactly uniform). Held-out words are always of length L.
 - The paper's section numbers could not be checked against its text from this machine; the
   equations follow the paper as summarised above.
 """
@@ -242,20 +247,39 @@ class StateTrackingModel(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits)
 
 
+def mixed_length_labels(batch, min_length: int, seed: int) -> torch.Tensor:
+    """Labels of every-prefix words cut at a length drawn uniformly from [min_length, L]: -100 after the cut.
+
+    For a causal model a word whose targets stop after g_l is the length-l word (no scored position
+    sees a later token), so this trains on a uniform mixture of lengths min_length..L, as the
+    paper's code does (`get_dataset` with ``strict_len=False`` joins the files of lengths 2..L).
+    """
+    n, T = batch.tokens.shape
+    L = T - 2  # <start> g_1 .. g_L <start>; s_t is the target at position t + 1
+    cut = torch.randint(min_length, L + 1, (n, 1), generator=torch.Generator().manual_seed(seed))
+    position = torch.arange(T)[None, :]
+    return batch.labels.masked_fill(position > cut + 1, -100)
+
+
 def train_word_problem(model: nn.Module, task: GroupWordProblem, training: TaskTraining, seed: int = 0,
-                       eval_size: int = 1024) -> dict:
+                       eval_size: int = 1024, min_length: int | None = None) -> dict:
     """Train `model` in place on samples of `task` (loss on scored positions only); history with held-out accuracy.
 
     The same pool, loop and held-out seed as `paperzoo.core.tasks.train_on_task`, without its
-    Hugging Face cache, so any module called like a causal LM can be trained.
+    Hugging Face cache, so any module called like a causal LM can be trained. With `min_length`
+    the training words are a uniform mixture of lengths min_length..L (`mixed_length_labels`);
+    the held-out words are always of length L.
     """
     from paperzoo.core.training import TrainConfig, train
 
+    if task.format != "every-prefix" and min_length is not None:
+        raise ValueError("mixed lengths need the every-prefix format")
     batches = task.sample(training.steps * training.batch_size, seed=seed)
+    labels = batches.labels if min_length is None else mixed_length_labels(batches, min_length, seed)
     history = train(model, batches.tokens, TrainConfig(
         steps=training.steps, batch_size=training.batch_size, seq_len=task.length, lr=training.lr,
         warmup_steps=training.warmup_steps, weight_decay=training.weight_decay),
-        labels=batches.labels, seed=seed, desc=f"training on {task.group_name} (L={task.L})")
+        labels=labels, seed=seed, desc=f"training on {task.group_name} (L={task.L})")
     return {"train_loss": history["train_loss"], "seconds": history["seconds"],
             "accuracy": task_accuracy(model, task.sample(eval_size, seed=10**9 + seed))}
 
