@@ -104,15 +104,17 @@ def test_cot_gap_trains_answer_models_on_the_curriculum_and_the_chain_on_full_wo
     import paperzoo.phenomena.cot_serial_problems as method
     from paperzoo.core.tasks import TaskModelConfig as C
 
-    seen = []
+    seen, steps = [], []
 
     def fake_train(task, config, training, seed=0):
         seen.append(task)
+        steps.append(training.steps)
         return C(hidden_size=8).build(task.vocab_size, task.length), {"seconds": 0.0}
 
     monkeypatch.setattr(method, "train_on_task", fake_train)
-    method.cot_gap(C(hidden_size=8), "Z3", 4, [2, 4], TaskTraining(steps=1), n_test=4, curriculum=True)
-    assert seen[0] == GroupWordProblem("Z3", 4, "cot")
+    method.cot_gap(C(hidden_size=8), "Z3", 4, [2, 4], TaskTraining(steps=1), n_test=4, curriculum=True,
+                   chain_training=TaskTraining(steps=2))
+    assert seen[0] == GroupWordProblem("Z3", 4, "cot") and steps == [2, 1, 1]
     assert seen[1:] == [IdentityPaddedWords("Z3", 2), IdentityPaddedWords("Z3", 4)]
     seen.clear()
     method.cot_gap(C(hidden_size=8), "Z3", 4, [2], TaskTraining(steps=1), n_test=4)
