@@ -18,7 +18,10 @@ import time
 import torch
 
 from paperzoo.core.experiment import machine
-from paperzoo.core.tasks import GroupWordProblem, LabelMapEpisodes, MostFrequent, QueryCount, TaskModelConfig
+from paperzoo.core.tasks import (GroupWordProblem, LabelMapEpisodes, MostFrequent, QueryCount, TaskModelConfig,
+                                 TypedLanguage, TypedLanguageTask)
+from paperzoo.experiments.phenomena.number_cookbook import NumberArithmetic
+from paperzoo.phenomena.broader_icl import ContextForms
 
 # (task, model, batch size) as the experiments use them
 CASES = {
@@ -26,6 +29,10 @@ CASES = {
     "MostFrequent m=16 n=32": (MostFrequent(16, 32), TaskModelConfig(32, 1, 1), 64),
     "S5 words, chain of thought, L=16": (GroupWordProblem("S5", 16, "cot"), TaskModelConfig(128, 2, 4), 64),
     "label-map episodes, 64 demos, noisy": (LabelMapEpisodes(64, 4, 64, 4, 0.3), TaskModelConfig(64, 2, 2), 32),
+    "typed language, |K|=384, 20/80 mix": (TypedLanguageTask(TypedLanguage(properties=384)),
+                                           TaskModelConfig(64, 2, 2), 64),
+    "number addition, 2-digit tokens, padded": (NumberArithmetic("add", 2, 1, 4, width=6), TaskModelConfig(64, 2, 4), 64),
+    "six forms of in-context learning": (ContextForms(), TaskModelConfig(64, 2, 4), 32),
 }
 
 
