@@ -15,7 +15,7 @@ those readings once:
   kept inside the measured range;
 - `log_logistic_fit(t, y, direction)`: the same in ln t for a fall or a rise over context
   length, with the midpoint kept between the second and the second-to-last lengths;
-- `per_position_loss(model, tokens)` and `icl_score(losses, early, late)`: the in-context
+- `token_losses(model, tokens)`, `per_position_loss(model, tokens)` and `icl_score(losses, early, late)`: the in-context
   learning score of Olsson et al. (2022), the loss at a late position minus the loss at
   an early one (negative: the context helps).
 """
@@ -195,16 +195,22 @@ def log_logistic_fit(t, y, direction: int) -> LogLogistic:
 
 
 @torch.no_grad()
-def per_position_loss(model, tokens: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """[T - 1]: the mean next-token loss at each position of `tokens` [N, T] (position t predicts token t + 1)."""
+def token_losses(model, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """[N, T - 1]: entry t - 1 is the next-token loss of token t of its row given tokens 0 .. t - 1."""
+    was_training = model.training
     model.eval()
-    total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
+    out = []
     for i in range(0, len(tokens), batch_size):
         x = tokens[i:i + batch_size]
         logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # [B, T-1]
-        total += nll.double().sum(0)
-    return (total / len(tokens)).numpy()
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none"))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def per_position_loss(model, tokens: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """[T - 1]: the mean next-token loss at each position of `tokens` [N, T] (position t predicts token t + 1)."""
+    return token_losses(model, tokens, batch_size).double().mean(0).numpy()
 
 
 def icl_score(losses: Sequence[float], early: int, late: int) -> float:

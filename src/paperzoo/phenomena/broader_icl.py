@@ -21,7 +21,8 @@ survey_maps.BROADER_ICL` maps its taxonomy onto the catalogue.
   al. 2022, which the paper cites), with the sign turned so that more learning is larger,
   and with windows rather than single positions so one sequence's few informative tokens
   are enough.
-- `token_losses(model, tokens)`: per-token next-token losses, the input of both.
+- `token_losses(model, tokens)`: per-token next-token losses aligned with the tokens
+  (`paperzoo.core.measures.token_losses` with a NaN first column), the input of both.
 
 **The forms, as sequence generators** (`FORMS`; one shared vocabulary of 64 content tokens,
 each sequence opened by its form's marker, `ContextForms` draws them round-robin):
@@ -53,8 +54,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from paperzoo.core import measures
 from paperzoo.core.margins import Interval, bootstrap_mean
 from paperzoo.core.tasks import TaskBatch
 
@@ -65,7 +66,7 @@ PAD = SEPARATOR + 1
 TASKS_PER_SEQUENCE = 4
 
 
-def _zipf(size: int, exponent: float = 1.0) -> torch.Tensor:
+def zipf(size: int, exponent: float = 1.0) -> torch.Tensor:
     p = 1.0 / torch.arange(1, size + 1, dtype=torch.float64) ** exponent
     return p / p.sum()
 
@@ -140,7 +141,7 @@ def _key_value(n, T, g, topics):
 
 
 def _names(n, T, g, topics):
-    filler = torch.multinomial(_zipf(48).float(), n * T, replacement=True, generator=g).view(n, T)
+    filler = torch.multinomial(zipf(48).float(), n * T, replacement=True, generator=g).view(n, T)
     names = 48 + torch.rand(n, 16, generator=g).argsort(1)[:, :3]
     is_name = torch.rand(n, T, generator=g) < 0.25
     x = torch.where(is_name, names.gather(1, torch.randint(0, 3, (n, T), generator=g)), filler)
@@ -179,7 +180,7 @@ def _tasks(n, T, g, topics):
 
 
 def _iid(n, T, g, topics):
-    return torch.multinomial(_zipf(CONTENT).float(), n * T, replacement=True, generator=g).view(n, T), \
+    return torch.multinomial(zipf(CONTENT).float(), n * T, replacement=True, generator=g).view(n, T), \
         torch.ones(n, T, dtype=torch.bool), _none(n, T)
 
 
@@ -187,18 +188,9 @@ _FORM_MAKERS = {"key_value": _key_value, "names": _names, "topics": _topics, "se
                 "iid": _iid}
 
 
-@torch.no_grad()
 def token_losses(model, tokens: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """[n, T]: the next-token loss of token t given tokens < t (NaN at t = 0, which nothing predicts)."""
-    was_training = model.training
-    model.eval()
-    out = torch.full(tokens.shape, float("nan"))
-    for i in range(0, len(tokens), batch_size):
-        x = tokens[i:i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        out[i:i + batch_size, 1:] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-    model.train(was_training)
-    return out
+    """[n, T]: the next-token loss of token t given tokens < t, aligned with the tokens (NaN at t = 0)."""
+    return torch.cat([torch.full((len(tokens), 1), float("nan")), measures.token_losses(model, tokens, batch_size)], 1)
 
 
 def window_means(losses: torch.Tensor, positions: torch.Tensor, window: slice) -> np.ndarray:

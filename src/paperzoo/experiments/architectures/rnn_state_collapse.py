@@ -59,13 +59,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from paperzoo.architectures.rnn_state_collapse import (
     NO_FIX, StateFix, apply_fix, calibrate_state_norm, mamba2_mixer_factory, state_norms)
 from paperzoo.core.blocks import standard_model, swap
 from paperzoo.core.experiment import Claim, ExperimentError, Outcome, RunContext
 from paperzoo.core.margins import all_of, bootstrap_mean, decided, paired_difference
+from paperzoo.core.measures import token_losses
 from paperzoo.core.models import base_model
 from paperzoo.core.training import TrainConfig, train
 
@@ -91,22 +91,11 @@ def train_lm(s: dict, vocab_size: int, train_ids: torch.Tensor, d_state: int, se
     return model.eval()
 
 
-@torch.no_grad()
-def token_losses(model, ids: torch.Tensor, batch: int = 8) -> np.ndarray:
-    """[n, L - 1]: entry j - 1 is the loss of token j predicted from tokens 0 .. j - 1 of its row."""
-    out = []
-    for i in range(0, len(ids), batch):
-        x = ids[i:i + batch]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        out.append(F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none"))
-    return torch.cat(out).numpy()
-
-
 def long_and_in_length(model, blocks: torch.Tensor, T: int) -> dict:
     """Per block: mean loss of its late tokens with the whole history ("long") and within T-token pieces ("in")."""
     n, L = blocks.shape
-    full = token_losses(model, blocks)  # [n, L - 1]
-    pieces = token_losses(model, blocks.reshape(-1, T)).reshape(n, L // T, T - 1)  # token o of a piece: [:, :, o - 1]
+    full = token_losses(model, blocks, batch_size=8).numpy()  # [n, L - 1]
+    pieces = token_losses(model, blocks.reshape(-1, T), batch_size=8).numpy().reshape(n, L // T, T - 1)  # token o of a piece: [:, :, o - 1]
     j = np.arange(1, L)  # token index
     late = (j >= L // 2) & (j % T >= T // 2)  # past half the block, with >= T/2 tokens before it in its piece
     long_ = full[:, late].mean(1)

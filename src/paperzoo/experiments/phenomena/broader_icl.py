@@ -61,7 +61,7 @@ import torch
 from paperzoo.core.experiment import Claim, Outcome, RunContext
 from paperzoo.core.margins import all_of, bootstrap_mean, unpaired_difference
 from paperzoo.core.tasks import TaskModelConfig, TaskTraining, train_on_task
-from paperzoo.phenomena.broader_icl import (CONTENT, FORMS, TASKS_PER_SEQUENCE, ContextForms, _zipf,
+from paperzoo.phenomena.broader_icl import (CONTENT, FORMS, TASKS_PER_SEQUENCE, ContextForms, zipf,
                                             context_benefit, token_losses, window_means)
 
 BAR = 0.05  # nats: precondition tolerances
@@ -70,7 +70,7 @@ ICL_FORMS = tuple(f for f in FORMS if f != "iid")
 
 
 def zipf_entropy() -> float:
-    p = _zipf(CONTENT)
+    p = zipf(CONTENT)
     return float(-(p * p.log()).sum())
 
 
