@@ -9,7 +9,9 @@ from paperzoo.core.corpus import CorpusError, is_validation_unit, load_corpus
 from paperzoo.core.evaluation import evaluate
 from paperzoo.core.experiment import verdict
 from paperzoo.core.models import ModelLoadError, base_model, decoder_layers, load_causal_lm
-from paperzoo.core.training import NonFiniteLossError, TrainConfig, token_blocks, train
+from paperzoo.core.tasks import TaskModelConfig
+from paperzoo.core.training import (NonFiniteLossError, TrainConfig, autocast_pays, model_width,
+                                    token_blocks, train)
 from tiny_models import tiny
 
 
@@ -91,6 +93,16 @@ def test_training_lowers_loss():
     before = evaluate(model, data)["loss"]
     history = train(model, data, TrainConfig(steps=40, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=4))
     assert evaluate(model, data)["loss"] < before - 1.0 and history["tokens"] == 40 * 4 * 32
+
+
+def test_autocast_only_where_it_pays_on_a_cpu(monkeypatch):
+    narrow, wide = TaskModelConfig(64, 1, 4).build(50, 8), TaskModelConfig(128, 1, 4).build(50, 8)
+    assert (model_width(narrow), model_width(wide)) == (64, 128)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("paperzoo.core.training.bf16_autocast_available", lambda device: True)
+    assert not autocast_pays(narrow, cpu) and autocast_pays(wide, cpu)
+    monkeypatch.setattr("paperzoo.core.training.bf16_autocast_available", lambda device: False)
+    assert not autocast_pays(wide, cpu)
 
 
 def test_base_model_is_cached_and_reloadable(smoke_lm, paperzoo_home):

@@ -620,7 +620,7 @@ def task_source(task) -> str:
 
 def task_model_path(task, config: TaskModelConfig, training: TaskTraining, seed: int) -> "Path":
     """Where `train_on_task` caches a model: a hash of the task (fields and source), config, training and seed."""
-    key = store.stable_hash(["task-model-v2", type(task).__name__, asdict(task), task_source(task), asdict(config),
+    key = store.stable_hash(["task-model-v3", type(task).__name__, asdict(task), task_source(task), asdict(config),
                              asdict(training), seed])
     return store.home() / "task-models" / f"{type(task).__name__}-{key}"
 
