@@ -30,6 +30,7 @@ the base). The learning rates were set before any measurement and are not tuned 
 from __future__ import annotations
 
 import copy
+import math
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +42,7 @@ import torch
 from paperzoo.core import store
 from paperzoo.core.margins import paired_difference
 from paperzoo.core.reasoning import is_correct
-from paperzoo.core.sampling import completion_logprobs, sample
+from paperzoo.core.sampling import sample, weighted_finetune_step
 from paperzoo.core.training import TrainConfig, progress, single_thread, train
 
 
@@ -83,17 +84,12 @@ def rloo_step(model, optimizer, tokenizer, problems, k: int, max_new_tokens: int
     drawn = sample(model, tokenizer, [q.prompt for q in problems], num_samples=k, temperature=1.0,
                    max_new_tokens=max_new_tokens, seed=seed, batch_size=128)
     rewards = torch.tensor([float(is_correct(problems[x.prompt_index], x.text)) for x in drawn]).view(len(problems), k)
-    advantages = rloo_advantages(rewards).flatten()
-    model.train()
     prompts = [tokenizer(problems[x.prompt_index].prompt, add_special_tokens=False)["input_ids"] for x in drawn]
     completions = [x.tokens or [tokenizer.eos_token_id] for x in drawn]
-    logp, _ = completion_logprobs(model, prompts, completions, tokenizer.eos_token_id)
-    loss = -(advantages * logp).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    model.eval()
-    return {"reward": rewards.mean().item(), "loss": loss.item()}
+    # -mean(A_i log pi(y_i | x_i)): the advantage-weighted likelihood, unclipped as RLOO states it
+    loss = weighted_finetune_step(model, optimizer, prompts, completions, rloo_advantages(rewards).flatten(),
+                                  tokenizer.eos_token_id, grad_clip=math.inf)
+    return {"reward": rewards.mean().item(), "loss": loss}
 
 
 def accuracy(model, tokenizer, problems, samples: int, max_new_tokens: int, seed: int) -> dict:
@@ -178,7 +174,7 @@ def reasoner_controls(scale: str = "small", seed: int = 0) -> dict:
         raise ValueError(f"scale must be one of {', '.join(CONTROLS)}, not {scale!r}")
     r = reasoner(scale, seed=seed)
     spec = CONTROLS[scale]
-    path = store.home() / "models" / f"reasoner-controls-{scale}-{store.stable_hash([r.name, asdict(spec), seed])}"
+    path = store.home() / "models" / f"reasoner-controls-{scale}-{store.stable_hash(['controls-v2', r.name, asdict(spec), seed])}"
 
     def build(tmp: Path) -> None:
         with single_thread():

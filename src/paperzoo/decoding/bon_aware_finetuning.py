@@ -78,7 +78,7 @@ from collections.abc import Sequence
 
 import torch
 
-from paperzoo.core.sampling import completion_logprobs
+from paperzoo.core.sampling import weighted_finetune_step, weighted_nll  # shared with the RLOO control
 
 
 def _check_N(N) -> None:
@@ -167,50 +167,6 @@ def bon_rlb_weights(correct: torch.Tensor, N: int) -> torch.Tensor:
 def rejection_sampling_weights(correct: torch.Tensor) -> torch.Tensor:
     """Rejection-sampling fine-tuning (RFT): weight 1 on every verified-correct sample, 0 otherwise."""
     return _check_correct(correct).float()
-
-
-def weighted_nll(logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    r"""$-\frac1M \sum_i w_i \log\pi(y_i \mid x_i)$; its gradient is the (negated) weighted score function."""
-    if logp.shape != weights.shape or logp.ndim != 1 or logp.numel() == 0:
-        raise ValueError(f"logp {tuple(logp.shape)} and weights {tuple(weights.shape)} must be the same non-empty [M]")
-    return -(weights.detach() * logp).mean()
-
-
-def weighted_finetune_step(model, optimizer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                           weights: torch.Tensor, pad_id: int, grad_clip: float = 1.0, micro_batch: int = 16) -> float:
-    """One optimiser step on the weighted log-likelihood of sampled completions; returns the loss.
-
-    `weights` is flat [M] (e.g. ``bon_rlb_weights(...).flatten()``); zero-weight
-    samples are skipped, as they contribute no gradient. The gradient is accumulated
-    over forward passes of at most `micro_batch` samples sorted by length, so each pads
-    only to its own longest sample: the same step as one pass, up to float rounding.
-    """
-    if len(prompts) != len(completions) or not completions:
-        raise ValueError(f"prompts and completions must be non-empty and of equal length, "
-                         f"got {len(prompts)} and {len(completions)}")
-    if not isinstance(weights, torch.Tensor) or weights.shape != (len(completions),):
-        raise ValueError(f"weights must be a tensor of shape [{len(completions)}] (one per completion)")
-    if not torch.isfinite(weights).all():
-        raise ValueError("weights must be finite")
-    if not grad_clip > 0 or micro_batch < 1:
-        raise ValueError(f"grad_clip must be positive and micro_batch at least 1, not {grad_clip} and {micro_batch}")
-    keep = [i for i in range(len(completions)) if float(weights[i]) != 0.0]
-    if not keep:
-        return 0.0
-    keep.sort(key=lambda i: len(prompts[i]) + len(completions[i]))
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = 0.0
-    for part in (keep[k:k + micro_batch] for k in range(0, len(keep), micro_batch)):
-        logp, _ = completion_logprobs(model, [prompts[i] for i in part], [completions[i] for i in part], pad_id)
-        # Mean over all M samples (zeros included), so the step size does not depend on how many were skipped.
-        part_loss = weighted_nll(logp, weights[part].to(logp.dtype)) * len(part) / len(completions)
-        part_loss.backward()
-        loss += float(part_loss.detach())
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    model.eval()
-    return loss
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
