@@ -95,6 +95,14 @@ def test_training_lowers_loss():
     assert evaluate(model, data)["loss"] < before - 1.0 and history["tokens"] == 40 * 4 * 32
 
 
+def test_training_stops_when_asked_at_a_check():
+    model, data = tiny("llama"), torch.randint(0, 64, (8, 10))
+    asked = []
+    history = train(model, data, TrainConfig(steps=40, batch_size=2, seq_len=10, lr=1e-3, eval_every=5),
+                    stop=lambda: asked.append(1) or len(asked) == 2)
+    assert history["steps"] == 10 and len(history["train_loss"]) == 10
+
+
 def test_autocast_only_where_it_pays_on_a_cpu(monkeypatch):
     narrow, wide = TaskModelConfig(64, 1, 4).build(50, 8), TaskModelConfig(128, 1, 4).build(50, 8)
     assert (model_width(narrow), model_width(wide)) == (64, 128)

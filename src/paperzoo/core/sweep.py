@@ -13,7 +13,9 @@ Order of work:
    settings and git commit; uncommitted edits are not told apart) are skipped: a
    killed sweep resumes where it stopped;
 4. the rest run as Ray tasks (``num_cpus=1``, one torch thread each) under a
-   progress bar; each writes its own record as it finishes;
+   progress bar, the slowest papers first (by the median wall time of their shipped records
+   at this scale), so that a long paper does not start last; each writes its own record as it
+   finishes;
 5. one aggregate record per paper is written over the sweep's seeds.
 """
 
@@ -44,6 +46,15 @@ def finished_run(p: Plan, seed: int, commit: str) -> dict | None:
                if r.get("kind", "run") == "run" and r.get("scale") == p.scale and r.get("seed") == seed
                and r.get("settings_hash") == settings_hash and r.get("git_commit") == commit]
     return matches[-1] if matches else None
+
+
+def expected_seconds(slug: str, scale: str) -> float:
+    """The median wall time of a seed of `slug` at `scale` in the records shipped with paperzoo (0 when none)."""
+    import statistics
+
+    walls = [r["wall_seconds"] for r in results.records(slug, results.shipped_dir(), shipped=False)
+             if r.get("kind", "run") == "run" and r.get("scale") == scale and "wall_seconds" in r]
+    return statistics.median(walls) if walls else 0.0
 
 
 def _task(slug: str, scale: str, seed: int, out: str) -> dict:
@@ -78,6 +89,7 @@ def sweep(slugs: Sequence[str], scale: str, seeds: Sequence[int], out=None, addr
                 todo.append((p, seed))
             else:
                 done[(p.paper.slug, seed)] = prior
+    todo.sort(key=lambda job: -expected_seconds(job[0].paper.slug, scale))  # stable: seeds keep their order
     if todo:
         import ray
 

@@ -17,6 +17,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -112,12 +113,15 @@ def progress(desc: str, disable: bool | None = None) -> Progress:
 
 
 def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Tensor | None = None,
-          params=None, desc: str = "training", seed: int = 0, labels: torch.Tensor | None = None) -> dict:
+          params=None, desc: str = "training", seed: int = 0, labels: torch.Tensor | None = None,
+          stop: Callable[[], bool] | None = None) -> dict:
     """Train `model` (in place) on random batches of `blocks`; return the loss history.
 
     `params` restricts the optimiser (e.g. to LoRA weights); by default every
     parameter with requires_grad is trained. `labels` (the shape of `blocks`, -100 on
-    positions left out of the loss) defaults to `blocks` itself.
+    positions left out of the loss) defaults to `blocks` itself. `stop`, asked every
+    `config.eval_every` steps, ends training early when it returns True (single process only; the
+    schedule stays the one for `config.steps`); the history's "steps" counts the steps taken.
     """
     if labels is not None and labels.shape != blocks.shape:
         raise ValueError(f"labels must have the shape of blocks {tuple(blocks.shape)}, not {tuple(labels.shape)}")
@@ -174,6 +178,9 @@ def train(model, blocks: torch.Tensor, config: TrainConfig, val_blocks: torch.Te
                 model.train()
                 status += f"  val ppl {metrics['perplexity']:.1f}"
             bar.update(task, advance=1, status=status)
+            if stop is not None and config.eval_every and step % config.eval_every == 0 and stop():
+                break
+    history["steps"] = step
     history["seconds"] = time.perf_counter() - start
     history["tokens_per_second"] = history["tokens"] / history["seconds"]
     model.eval()

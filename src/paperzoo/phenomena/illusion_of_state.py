@@ -262,13 +262,16 @@ def mixed_length_labels(batch, min_length: int, seed: int) -> torch.Tensor:
 
 
 def train_word_problem(model: nn.Module, task: GroupWordProblem, training: TaskTraining, seed: int = 0,
-                       eval_size: int = 1024, min_length: int | None = None) -> dict:
+                       eval_size: int = 1024, min_length: int | None = None, stop_at: float | None = None,
+                       check_every: int = 250) -> dict:
     """Train `model` in place on samples of `task` (loss on scored positions only); history with held-out accuracy.
 
     The same pool, loop and held-out seed as `paperzoo.core.tasks.train_on_task`, without its
     Hugging Face cache, so any module called like a causal LM can be trained. With `min_length`
     the training words are a uniform mixture of lengths min_length..L (`mixed_length_labels`);
-    the held-out words are always of length L.
+    the held-out words are always of length L. With `stop_at`, training ends once the accuracy
+    on 256 validation words of length L (their own seed), read every `check_every` steps,
+    reaches it: the paper's code stops at 99% validation accuracy (``max_val_acc=0.99``).
     """
     from paperzoo.core.training import TrainConfig, train
 
@@ -276,11 +279,14 @@ def train_word_problem(model: nn.Module, task: GroupWordProblem, training: TaskT
         raise ValueError("mixed lengths need the every-prefix format")
     batches = task.sample(training.steps * training.batch_size, seed=seed)
     labels = batches.labels if min_length is None else mixed_length_labels(batches, min_length, seed)
+    validation = task.sample(256, seed=2 * 10**9 + seed)
     history = train(model, batches.tokens, TrainConfig(
         steps=training.steps, batch_size=training.batch_size, seq_len=task.length, lr=training.lr,
-        warmup_steps=training.warmup_steps, weight_decay=training.weight_decay),
-        labels=labels, seed=seed, desc=f"training on {task.group_name} (L={task.L})")
-    return {"train_loss": history["train_loss"], "seconds": history["seconds"],
+        warmup_steps=training.warmup_steps, weight_decay=training.weight_decay,
+        eval_every=check_every if stop_at is not None else 0),
+        labels=labels, seed=seed, desc=f"training on {task.group_name} (L={task.L})",
+        stop=None if stop_at is None else lambda: task_accuracy(model, validation) >= stop_at)
+    return {"train_loss": history["train_loss"], "seconds": history["seconds"], "steps": history["steps"],
             "accuracy": task_accuracy(model, task.sample(eval_size, seed=10**9 + seed))}
 
 

@@ -15,8 +15,10 @@ Here (`paperzoo.phenomena.illusion_of_state`): every-prefix word problems (`Grou
 ``<start> g_1 .. g_L``, the prefix product s_t predicted after g_t; accuracy is the share of
 held-out words of length L with every s_t right), models trained from scratch on fresh words
 with the same loop (`train_word_problem`: AdamW, 20 warm-up steps, cosine decay, batch 64) on a
-uniform mixture of the lengths 2..L as the paper's code does; at `small` 3,000 steps (6,000 for
-the RNN), lr 3e-3 for the RNN and IDS4 and 1e-3 for transformers (see below):
+uniform mixture of the lengths 2..L as the paper's code does, each stopping once 256 validation
+words of length L are 99% right (read every 250 steps: the paper's code stops at
+``max_val_acc=0.99``); at `small` at most 6,000 steps (3,000 for IDS4), lr 3e-3 for the RNN and
+IDS4 and 2e-3 for transformers (see below):
 
 - transformers: HF Llama (`TaskModelConfig`: width 64, 4 heads, MLP 4x), depths 1..3 at `small`
   (1..4 at `large`);
@@ -64,9 +66,23 @@ checks. Seed 0, one thread:
   steps learns A5 (1.00), and a 3-layer transformer at lr 1e-3 learns Z60 at L = 12 (0.95). So
   the RNN gets 6,000 steps and transformers lr 1e-3 (the diagonal SSM, `large` only, takes the
   transformer's lr without calibration). The transformers' A5 cells of that run (every depth
-  1..3 below 9% at L = 4 and 12) were not used for any choice. The setting as shipped has not
-  been run end to end at `small` yet: expect about 25 minutes a seed on one loaded thread, well
-  over the 3-minute target (the RNN's 6,000 steps and up to six transformer trainings).
+  1..3 below 9% at L = 4 and 12) were not used for any choice.
+- The three-seed sweep of that setting (4923cda) was inconclusive: in seeds 1 and 2 no
+  transformer depth learned A5 even at L = 4 (the precondition), and Z60 at L = 12 reached only
+  0.65-0.92. Two project-wide changes followed: models narrower than 128 train in fp32 on a CPU
+  (`paperzoo.core.training.autocast_pays`; 1.85x faster a step at width 64), and every model
+  stops at 99% validation accuracy (above). The transformers were then re-tuned on that
+  precondition and the Z60 control only. A5 at L = 4, depth 2, seeds 1 and 2 (fp32): lr 1e-3 and
+  3,000 steps 0.03 and 0.00 (a plateau at loss 1.3); lr 3e-3, 3,000 steps 0.19 and 0.08; lr 1e-3,
+  6,000 steps 0.72 and 1.00; seed 1 alone: batch 256 for 2,000 steps 0.22 at lr 1e-3 and 0.61 at
+  2e-3, depth 3 at lr 1e-3 for 6,000 steps 0.15; width 128 at lr 1e-3 for 3,000 steps 1.00 in
+  seed 1 but 0.01 and 0.00 in seeds 0 and 2. lr 2e-3 for 6,000 steps: 1.00 in seeds 0, 1 and 2,
+  the loss below 0.04 by step 3,000. With it the Z60 control at L = 12 (seed 1) reaches 0.96 at
+  depth 2 and 0.99 at depth 3. So transformers train at lr 2e-3 for up to 6,000 steps.
+  One seed of this setting (seed 1, 910 s beside one other job) met every precondition; most of
+  its time goes to the cells that fail and so train the whole budget (A5 at L = 12, depths 1-3:
+  388 s) and to Z60 at L = 12 (201 s), the control that fixes that budget. A seed stays over the
+  ten-minute target; a shorter budget would fail the Z60 control.
 - The 90% bar is the issue's reading of the paper's figure; the lengths, depths and widths are this
   project's, chosen for budget.
 
@@ -237,15 +253,15 @@ SEED_VARIES = "every model's initialisation and training words, and the held-out
 
 _COMMON = {"batch_size": 64, "warmup_steps": 20, "transformer_width": 64, "transformer_heads": 4,
            "min_train_length": 2, "rnn_width": 256, "ids4_width": 64, "ssm_width": 64, "state_size": 16,
-           "lr": {"rnn": 3e-3, "ids4": 3e-3, "transformer": 1e-3, "diagonal-ssm": 1e-3}}
+           "stop_at": 0.99, "lr": {"rnn": 3e-3, "ids4": 3e-3, "transformer": 2e-3, "diagonal-ssm": 2e-3}}
 SCALES = {
     "smoke": {**_COMMON, "groups": [HARD, EASY], "lengths": [3, 4], "deepest": 2, "deep_models": ["transformer"],
               "steps": {"rnn": 10, "ids4": 10, "transformer": 10}, "eval_size": 64, "full_grid": False},
     "small": {**_COMMON, "groups": [HARD, EASY], "lengths": [4, 12], "deepest": 3, "deep_models": ["transformer"],
-              "steps": {"rnn": 6000, "ids4": 3000, "transformer": 3000}, "eval_size": 1024, "full_grid": False},
+              "steps": {"rnn": 6000, "ids4": 3000, "transformer": 6000}, "eval_size": 1024, "full_grid": False},
     "large": {**_COMMON, "groups": ["S5", HARD, "A4xZ5", EASY], "lengths": [4, 8, 16, 32], "deepest": 4,
               "deep_models": ["transformer", "diagonal-ssm"], "eval_size": 2048, "full_grid": True,
-              "steps": {"rnn": 12000, "ids4": 6000, "transformer": 6000, "diagonal-ssm": 6000}},
+              "steps": {"rnn": 12000, "ids4": 6000, "transformer": 12000, "diagonal-ssm": 12000}},
 }
 
 
@@ -254,10 +270,10 @@ def _trainer(model_name: str, s: dict, held_out: dict, record: list):
 
     def train(model, task, training, seed):
         history = train_word_problem(model, task, training, seed=seed, eval_size=s["eval_size"],
-                                     min_length=s["min_train_length"])
+                                     min_length=s["min_train_length"], stop_at=s["stop_at"])
         correct = task_correct(model, held_out[task]).float().numpy()
         record.append({"correct": correct, "train_loss": float(np.mean(history["train_loss"][-20:])),
-                       "train_seconds": history["seconds"]})
+                       "train_seconds": history["seconds"], "steps": history["steps"]})
         return {"accuracy": float(correct.mean())}
 
     return train
@@ -294,7 +310,7 @@ def run(ctx: RunContext) -> Outcome:
                     grid.append({"model": model_name, "group": group, "L": length, "depth": d,
                                  "accuracy": float(r["correct"].mean()), "interval": interval.as_dict(),
                                  "passes": passes(r["correct"]), "final_train_loss": r["train_loss"],
-                                 "train_seconds": r["train_seconds"]})
+                                 "train_seconds": r["train_seconds"], "steps": r["steps"]})
     metrics = {"groups": s["groups"], "lengths": s["lengths"], "deepest": s["deepest"], "deep_models": s["deep_models"],
                "grid": grid}
     metrics["min_depth"] = {f"{model}/{group}/L={length}": _bounds_text(metrics, model, group, length)
