@@ -157,6 +157,18 @@ def test_training_one_layer_ids4_learns_z5():
     assert history["accuracy"] > 0.9  # read against the targets s_t, not the input tokens
 
 
+def test_training_stops_once_validation_words_reach_the_bar():
+    """The paper's stopping rule: at a bar every model meets (0) training ends at the first check; at one none
+    meets (above 1) it runs the whole budget."""
+    task = GroupWordProblem("Z5", 4, "every-prefix")
+    for bar, steps in ((0.0, 5), (1.01, 20)):
+        torch.manual_seed(0)
+        model = StateTrackingConfig("ids4", hidden_size=16).build(task.vocab_size)
+        history = train_word_problem(model, task, TaskTraining(steps=20, batch_size=8), eval_size=16, stop_at=bar,
+                                     check_every=5)
+        assert history["steps"] == steps and len(history["train_loss"]) == steps
+
+
 def test_mixed_length_labels_keep_a_prefix_of_every_length_from_min_to_L():
     task = GroupWordProblem("A5", 8, "every-prefix")
     batch = task.sample(2000, seed=0)
