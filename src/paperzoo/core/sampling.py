@@ -268,7 +268,7 @@ def weighted_finetune_step(model, optimizer, prompts: Sequence[Sequence[int]], c
     """One optimiser step on the weighted log-likelihood of sampled completions; returns the loss.
 
     `weights` is flat [M] (e.g. ``bon_rlb_weights(...).flatten()``); zero-weight
-    samples are skipped, as they contribute no gradient. The gradient is accumulated
+    samples are skipped, as they contribute no gradient (all zero: no step, loss 0). The gradient is accumulated
     over forward passes of at most `micro_batch` samples sorted by length, so each pads
     only to its own longest sample: the same step as one pass, up to float rounding.
     """
