@@ -209,8 +209,9 @@ def test_steps_and_rechecks_by_hand():
                  "x=49/7: 4/7=0r4 49/7=7r0 so 7\n12*7: 2*7=14 1*7+1=8 so 84\nx+12=742/7: so 106\n") == [
         ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True), ("12*7", 84, True),
         ("742/7", 106, True)]
-    trace = "37+48: so 85\n85-19: so 67\nWait, 8-1-1=6, not 8-1-1=7. 85-19: so 66\n66+10: so 76\n"
+    trace = "37+48: so 85\n85-19: so 67\nWait, 85-19: so 66, not 67.\n66+10: so 76\n"  # reasoner v4's re-check
     assert recheck(trace) == {"rechecked": True, "wrong": 1, "fixed": 1}
+    assert recheck("37+48: so 85\nWait, 37+48: so 85, right.\n") == {"rechecked": True, "wrong": 0, "fixed": 0}
     assert recheck("37+48: so 85\n85-19: so 67\nWait 85-19: so 67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
     assert recheck("37+48: so 85\nWait 48+1: so 49\n") == {"rechecked": False, "wrong": 0, "fixed": 0}  # new
     assert recheck("37+48: so 85\n")["rechecked"] is False
@@ -244,9 +245,15 @@ def test_predicate_by_hand():
         w.update(correct=[1.0] * right + [0.0] * (n - right), accuracy=right / n)
     assert list(checks(m).values())[2:] == [False, None]
     m["recheck"] = {"extended": 100, "rechecked": 2, "wrong": 4, "fixed": 0}
-    assert list(preconditions(m).values()) == [False, None, True]
+    assert list(preconditions(m).values()) == [False, None, True, True]  # 10 of the 16 right answers kept
     m["recheck"] = {"extended": 100, "rechecked": 50, "wrong": 30, "fixed": 1}
     assert list(preconditions(m).values())[:2] == [True, False]
+    waits[1].update(correct=[0.0] * 8 + [1.0] * 12 + [0.0] * 20)  # 8 of the 16 kept (and 4 fixed): not most
+    assert list(preconditions(m).values())[3] is False
+    waits[1].update(correct=[1.0] * 9 + [0.0] * 31)  # 9 of 16: most
+    assert list(preconditions(m).values())[3] is True
+    m["rows"] = caps + [w for w in waits if w["N"] != 1]
+    assert list(preconditions(m).values())[3] is None  # no single extension measured
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smoke):

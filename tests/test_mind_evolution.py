@@ -219,7 +219,8 @@ def test_linear_checker_by_hand():
         for p in problems(20, "test", tiers=[tier]):
             for i in range(3):  # a verbose or reflective trace: the step lines are found, the redone step counts
                 for style, (k, (work, _)) in ((s, kw) for s in ("terse", "verbose") for kw in enumerate(p.paths)):
-                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True, path=k))
+                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True, path=k,
+                                                              confirm=i > 0))
                     assert c.solved and c.verified == tuple(work_line(s) for s in work)
 
 

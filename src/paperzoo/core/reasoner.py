@@ -1,4 +1,4 @@
-"""The shared tiny reasoner (version 3): a difficulty ladder, two solution paths, two trace styles, reflective traces.
+"""The shared tiny reasoner (version 4): a difficulty ladder, two solution paths, two trace styles, re-checks.
 
 Test-time-compute, RL and fine-tuning papers make claims about models that reason step
 by step, are right on easy problems and wrong on hard ones, sometimes catch their own
@@ -65,18 +65,30 @@ step (``Step 2 of 3: 85-19+23``) and verifies each result by the inverse operati
 (``Check: 66+19=85, right.``), about 2.5x longer. Training data draws the style per
 trace with a stated share (default 20% verbose); nothing in the prompt says which.
 
-**Reflection.** A reflective trace holds one wrong step, always really wrong, followed
-by a line that starts with ``Wait``, names the first wrong column and its correction,
-and redoes the step right:
-``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85``.
+**Re-checks.** A *reflective* trace holds one wrong step, always really wrong, followed
+by a line that starts with ``Wait``, redoes the step right and says the first result was
+not it; later steps continue from the right value:
+``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 37+48: 7+8=15 3+4+1=8 so 85, not 75.``
 The error is one a column-wise reasoner makes: a dropped carry, borrow or remainder, or
-a column result off by one. Training data draws reflection per trace with a stated
-share (default 15%). The wrong line itself is left out of the loss (`TraceMix.mask_wrong_step`,
-labels -100): the model learns to re-check after an error, not to make errors on purpose.
-Trained on the wrong line too (the first recipe), sampled traces at temperature 1 wrote a
-wrong step in about 12% of samples and fixed only a fifth of them, so samples were much
-worse than greedy decoding and majority voting could not beat it. Validation loss still
-scores the wrong lines.
+a column result off by one. A *confirming* trace re-checks one right step the same way and
+finds it right: ``37+48: 7+8=15 3+4+1=8 so 85`` / ``Wait, 37+48: 7+8=15 3+4+1=8 so 85, right.``
+Training data draws each per trace with a stated share (default 15% each, independently;
+a trace with both may re-check its correction). The wrong line itself is left out of the
+loss (`TraceMix.mask_wrong_step`, labels -100): the model learns to re-check after an
+error, not to make errors on purpose. Trained on the wrong line too (the first recipe),
+sampled traces at temperature 1 wrote a wrong step in about 12% of samples and fixed only
+a fifth of them, so samples were much worse than greedy decoding and majority voting could
+not beat it. Validation loss still scores the wrong lines.
+
+Why version 4 (issue 10, A.3). In version 3 a re-check named the wrong column first
+(``Wait, 3+4+1=8, not 3+4=7. 37+48: ...``) and only ever followed a wrong step, as in
+that recipe's 15% of reflective traces. A ``Wait`` forced after right work (budget
+forcing, 2501.19393) was then read as "the last step was wrong": the model re-checked
+72-76% of the time but rewrote right answers, and one forced ``Wait`` took accuracy from
+0.69-0.77 to 0.47-0.48. The reasoning traces s1 and its peers train on use "Wait" both
+to correct and to confirm, so version 4 adds confirming re-checks, and every re-check
+first redoes the step and only then judges it, so that the judgement can rest on the redo.
+Nothing else changed: ladder, paths, styles, model and training run are version 3's.
 
 **Training.** `ReasonerSpec` holds the model, the training run, the style and
 reflection shares and the tier mix; `train_reasoner` trains one and returns (model,
@@ -89,6 +101,7 @@ written beside `REASONERS`.
 from __future__ import annotations
 
 import random
+import re
 import time
 from itertools import zip_longest
 from collections.abc import Sequence
@@ -299,13 +312,16 @@ def possible_errors(step: Step) -> list[ColumnError]:
 
 
 def reflection_lines(step: Step, error: ColumnError) -> tuple[str, str]:
-    """(the wrong line, the ``Wait`` line that names the first wrong column and redoes the step right)."""
-    wrong_cols, wrong = column_work(step, error)
-    right_cols, right = column_work(step)
-    if wrong == right:
+    """(the wrong line, the ``Wait`` line that redoes the step right and says the first result was not it)."""
+    _, wrong = column_work(step, error)
+    if wrong == step.result:
         raise ValueError(f"the error {error} leaves {step.expression} right; it must make the step wrong")
-    i = next(k for k, (w, r) in enumerate(zip(wrong_cols, right_cols)) if w != r)
-    return work_line(step, error), f"{WAIT}, {right_cols[i]}, not {wrong_cols[i]}. {work_line(step)}"
+    return work_line(step, error), f"{WAIT}, {work_line(step)}, not {wrong}."
+
+
+def confirmation_line(step: Step) -> str:
+    """The ``Wait`` line that redoes a right step and finds the same result."""
+    return f"{WAIT}, {work_line(step)}, right."
 
 
 def check_line(step: Step) -> str:
@@ -448,18 +464,19 @@ def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[
 
 
 def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-                   reflect: bool = False, path: int | None = None) -> list[tuple[str, bool]]:
+                   reflect: bool = False, path: int | None = None, confirm: bool = False) -> list[tuple[str, bool]]:
     """`trace` as (text, is the injected wrong step) pieces, so training can leave the wrong step out of the loss."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, not {style!r}")
-    if reflect and rng is None:
-        raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
+    if (reflect or confirm) and rng is None:
+        raise ValueError("rng is required when reflect or confirm is True (it draws the re-checked steps)")
     if path is not None and not 0 <= path < len(problem.paths):
         raise ValueError(f"path must be in 0..{len(problem.paths) - 1} for this problem, not {path}")
     if path is None:
         path = rng.randrange(len(problem.paths)) if rng is not None and len(problem.paths) > 1 else 0
     work, states = problem.paths[path]
     wrong_at = rng.randrange(len(work)) if reflect else None
+    confirm_at = rng.randrange(len(work)) if confirm else None
     pieces: list[tuple[str, bool]] = []
     for k, step in enumerate(work):
         if style == "verbose":
@@ -469,6 +486,8 @@ def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Ran
             pieces += [(f"{wrong}\n", True), (f"{recheck}\n", False)]
         else:
             pieces.append((f"{work_line(step)}\n", False))
+        if k == confirm_at:  # after a correction too: the corrected line is checked again
+            pieces.append((f"{confirmation_line(step)}\n", False))
         if style == "verbose":
             pieces.append((f"{check_line(step)}\n", False))
     pieces.append((f"{END_THINK}{ANSWER} {problem.answer}", False))
@@ -482,15 +501,16 @@ def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Ran
 
 
 def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-          reflect: bool = False, path: int | None = None) -> str:
+          reflect: bool = False, path: int | None = None, confirm: bool = False) -> str:
     """What a reasoner writes after the prompt: the thinking, ``</think>``, ``Answer: N`` (EOS follows).
 
     A problem with several solution paths follows `path`; with none given, one drawn by
     `rng`, or the first without an `rng`. With `reflect`, one step (drawn by `rng`) is written
     wrong with a drawn column error, then re-checked after ``Wait`` and redone right; later
-    steps continue from the right value.
+    steps continue from the right value. With `confirm`, one step (drawn by `rng`
+    independently) is re-checked after ``Wait`` and found right.
     """
-    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect, path))
+    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect, path, confirm))
 
 
 @dataclass(frozen=True)
@@ -504,9 +524,10 @@ class TraceMix:
     verbose_share: float = 0.2
     reflect_share: float = 0.15
     mask_wrong_step: bool = True
+    confirm_share: float = 0.15
 
     def __post_init__(self):
-        for name in ("verbose_share", "reflect_share"):
+        for name in ("verbose_share", "reflect_share", "confirm_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
 
@@ -519,7 +540,8 @@ def training_examples(problems: Sequence[LadderProblem], mix: TraceMix = TraceMi
     for p in problems:
         style = "verbose" if rng.random() < mix.verbose_share else "terse"
         reflect = rng.random() < mix.reflect_share
-        pieces = [(p.prompt, False)] + trace_segments(p, style, rng, reflect)
+        confirm = rng.random() < mix.confirm_share if mix.confirm_share else False  # v3's draws without it
+        pieces = [(p.prompt, False)] + trace_segments(p, style, rng, reflect, confirm=confirm)
         out.append([(text, wrong and mix.mask_wrong_step) for text, wrong in pieces])
     return out
 
@@ -657,7 +679,10 @@ def train_reasoner(spec: ReasonerSpec, desc: str = "training a reasoner") -> tup
         "data": {"traces": len(texts), "tokens": data_tokens, "epochs": history["tokens"] / data_tokens,
                  "masked_tokens": int((labels == -100).sum()),
                  "verbose_share": sum(f"\n{CHECK} " in t for t in texts) / len(texts),
-                 "reflect_share": sum(f"\n{WAIT}, " in t for t in texts) / len(texts),
+                 "reflect_share": sum(re.search(rf"\n{WAIT}, [^\n]*, not -?\d+\.\n", t) is not None
+                                      for t in texts) / len(texts),
+                 "confirm_share": sum(re.search(rf"\n{WAIT}, [^\n]*, right\.\n", t) is not None
+                                      for t in texts) / len(texts),
                  "tier_share": [sum(p.tier == t for p in train_set) / len(train_set) for t in range(len(spec.tiers))]},
         **history,
     }
@@ -715,7 +740,7 @@ CARD_SIZE = {"smoke": (8, 2, 32), "small": (500, 16, None), "large": (500, 16, N
 
 def _cached(kind: str, spec: ReasonerSpec, scale: str) -> Reasoner:
     tokenizer = reasoning_tokenizer()
-    key = store.stable_hash([f"{kind}-v3", asdict(spec), tokenizer.backend_tokenizer.to_str()])
+    key = store.stable_hash([f"{kind}-v4", asdict(spec), tokenizer.backend_tokenizer.to_str()])
     path = store.home() / "models" / f"{kind}-{scale}-{key}"
 
     def build(tmp: Path) -> None:

@@ -121,7 +121,7 @@ def _left_side(question: str):
 
 def _attempts(lines: list[str], step: Step) -> list[tuple[str, int]]:
     """Every attempt at `step` in the lines, as (the work, its claimed result), a re-check's redone step included."""
-    pattern = re.compile(rf"(?:^|\. )({re.escape(step.expression)}: .* so (-?\d+))$")
+    pattern = re.compile(rf"^(?:Wait, )?({re.escape(step.expression)}: .*? so (-?\d+))(?:, (?:right|not -?\d+)\.)?$")
     return [(m[1], int(m[2])) for line in lines if (m := pattern.search(line.strip()))]
 
 
