@@ -282,3 +282,62 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smok
             h.remove()
     assert len({len(g.tokens) for g in batch}) > 1  # rows did finish at different steps
     assert [g.tokens for g in batch] == [g.tokens for g in alone]
+
+
+def test_capped_and_extended_runs_resumed_from_others_equal_runs_from_scratch(smoke):
+    """The experiment builds each budget and each extension from the runs before it (`resume`): same tokens."""
+    from paperzoo.experiments.decoding.budget_forcing import capped, extended
+
+    model, tok = smoke.model, smoke.tokenizer
+    last = {}
+    trigger = torch.tensor(ids(tok, "= "))
+
+    def remember(module, args, kwargs):
+        last["ids"] = kwargs["input_ids"][:, -1]
+
+    def end_after_equals(module, args, output):  # a row's own last token decides: the delimiter comes back
+        output = output.clone()
+        output[:, -1, tok.convert_tokens_to_ids(END_THINK)] += 30.0 * torch.isin(last["ids"], trigger)
+        return output
+
+    prompts = PROMPTS + ["Q: 7+8\n<think>", "Q: 40x=80\n<think>", "Q: 3(x+1)=9\n<think>"]
+    cap_all, A = 30, 3
+
+    def force(rows, cap, N, continuation, resume=None):
+        return budget_force_batch(model, tok, [prompts[i] for i in rows], max_thinking_tokens=cap, num_extensions=N,
+                                  continuation=continuation, max_answer_tokens=A, max_new_tokens=cap_all + A + 2,
+                                  resume=resume)
+
+    hooks = [model.register_forward_pre_hook(remember, with_kwargs=True),
+             model.get_output_embeddings().register_forward_hook(end_after_equals)]
+    try:
+        everything = list(range(len(prompts)))
+        full = force(everything, None, 0, "Wait")
+        assert len({g.stats["thinking_tokens"] for g in full}) > 1
+        for cap in (0, 2, 5, cap_all):
+            assert [g.tokens for g in capped(force, full, cap, "Wait")] == \
+                [g.tokens for g in force(everything, cap, 0, "Wait")]
+        for continuation in ("Wait", ""):
+            gens = capped(force, full, cap_all, continuation)
+            for N in (1, 2, 3):
+                gens = extended(force, gens, cap_all, continuation)
+                direct = force(everything, cap_all, N, continuation)
+                assert [g.tokens for g in gens] == [g.tokens for g in direct]
+                assert [g.stats["extensions"] for g in gens] == [g.stats["extensions"] for g in direct]
+        assert any(g.stats["extensions"] == 3 for g in direct)  # the test reached three extensions somewhere
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_resume_counts_against_the_cap_and_opens_the_tokens(smoke):
+    model, tok = smoke.model, smoke.tokenizer
+    prefix = ids(tok, "12+34: 2+4=6")
+    (g,) = budget_force_batch(model, tok, ["Q: 12+34\n<think>"], max_thinking_tokens=len(prefix) + 2,
+                              max_answer_tokens=2, resume=[prefix])
+    assert g.tokens[:len(prefix)] == prefix and g.stats["thinking_tokens"] == len(prefix) + 2
+    assert g.tokens[len(prefix) + 2] == tok.convert_tokens_to_ids(END_THINK) and g.stats["forced_stop"]
+    with pytest.raises(ValueError, match="resume"):
+        budget_force_batch(model, tok, ["Q: 1+1\n<think>"], resume=[ids(tok, "1</think>")])
+    with pytest.raises(ValueError, match="resume"):
+        budget_force_batch(model, tok, ["Q: 1+1\n<think>", "Q: 2+2\n<think>"], resume=[prefix])
