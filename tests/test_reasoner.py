@@ -409,8 +409,8 @@ def test_card_runs_on_the_smoke_reasoner():
     ps = T.ladder_problems(8, "test")  # the default budget: the longest trace and a quarter, within 1024 positions
     prompt = max(len(smoke.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) for p in ps)
     assert C.default_budget(smoke.model, smoke.tokenizer, ps) <= 1024 - prompt
-    longest = max(len(smoke.tokenizer(T.trace(ps[0], "verbose", random.Random(i), True))["input_ids"])
-                  for i in range(20))  # room for any reflective verbose trace, and EOS
+    longest = max(len(smoke.tokenizer(T.trace(ps[0], "verbose", random.Random(i), True, confirm=True))["input_ids"])
+                  for i in range(20))  # room for any verbose trace with both re-checks, and EOS
     assert longest + 1 < C.default_budget(smoke.model, smoke.tokenizer, ps[:1]) < 1.5 * longest
     with pytest.raises(ValueError, match="n must be"):
         C.card(smoke.model, smoke.tokenizer, n=2)
@@ -428,8 +428,8 @@ def test_train_reasoner_smoke_and_the_small_proposal():
     ctx = 256
     assert T.forward_flops_per_token(small.model, ctx) >= 4 * T.forward_flops_per_token(draft.model, ctx)
     tok, rng = R.reasoning_tokenizer(), random.Random(0)
-    longest = max(len(tok(p.prompt + T.trace(p, "verbose", rng, True), add_special_tokens=False)["input_ids"])
-                  for p in only(3, 500))
+    longest = max(len(tok(p.prompt + T.trace(p, "verbose", rng, True, confirm=True), add_special_tokens=False)
+                      ["input_ids"]) for p in only(3, 500))
     assert longest < small.model.max_seq_len == draft.model.max_seq_len
     with pytest.raises(ValueError, match="tier_mix"):
         T.ReasonerSpec(spec.model, spec.train, 10, tier_mix=(1.0,))

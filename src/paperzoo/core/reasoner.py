@@ -607,8 +607,8 @@ def forward_flops_per_token(config: TinyLMConfig, context: int) -> float:
 
 _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 # `small`, chosen on validation loss and the card (issue 10: never on a paper's verdict). Width 160 x 6 layers
-# (1.9M parameters), 1024 positions (the longest trace, tier 3 verbose and reflective, is ~760 tokens with its
-# prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
+# (1.9M parameters), 1024 positions (the longest trace, tier 3 verbose with both re-checks, is ~830 tokens with
+# its prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
 # problems (greedy accuracy by tier; majority@16 minus greedy):
 #   A. first ladder (top tier a 4-5 operation chain), wrong steps trained on, 830 steps x 16 x 256 (3.4M tokens):
 #      356 s, val loss 0.277; card (100 problems): [1.00, 0.68, 0.16, 0.04], majority -1 point;

@@ -217,12 +217,12 @@ def _rounded(x):
 
 
 def default_budget(model, tokenizer, problems) -> int:
-    """New tokens for the longest trace of these problems (verbose, reflective) and a quarter more, within positions."""
+    """New tokens for the longest trace of these problems (verbose, both re-checks) and a quarter more, within positions."""
     def count(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     rng = random.Random(0)
-    longest = max(count(trace(p, "verbose", rng, reflect=True)) for p in problems)
+    longest = max(count(trace(p, "verbose", rng, reflect=True, confirm=True)) for p in problems)
     budget = int(1.25 * longest) + 8
     limit = max_positions(model)
     if limit is not None:
