@@ -183,10 +183,11 @@ def _decode(model, enc: dict, max_new_tokens: int, temperature: float, top_p: fl
     logits_of: list[list[torch.Tensor]] = [[] for _ in range(ids.shape[0])]
     models = [model] if guide is None else [model, guide]
     caches = [GrowingCache() for _ in models]
+    names = [cache_argument(m) for m in models]
 
     def last_logits(step_ids, mask, position):
         out = [m(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
-                 **{cache_argument(m): c}).logits[:, -1] for m, c in zip(models, caches)]
+                 **{name: c}).logits[:, -1] for m, name, c in zip(models, names, caches)]
         return out[0].float() if guide is None else combine(*out).float()
 
     position = (mask.cumsum(-1) - 1).clamp(min=0)
