@@ -209,8 +209,9 @@ def test_steps_and_rechecks_by_hand():
                  "x=49/7: 4/7=0r4 49/7=7r0 so 7\n12*7: 2*7=14 1*7+1=8 so 84\nx+12=742/7: so 106\n") == [
         ("37+48", 85, True), ("85-19", 67, False), ("61-12", 49, True), ("49/7", 7, True), ("12*7", 84, True),
         ("742/7", 106, True)]
-    trace = "37+48: so 85\n85-19: so 67\nWait, 8-1-1=6, not 8-1-1=7. 85-19: so 66\n66+10: so 76\n"
+    trace = "37+48: so 85\n85-19: so 67\nWait, 85-19: so 66, not 67.\n66+10: so 76\n"  # reasoner v4's re-check
     assert recheck(trace) == {"rechecked": True, "wrong": 1, "fixed": 1}
+    assert recheck("37+48: so 85\nWait, 37+48: so 85, right.\n") == {"rechecked": True, "wrong": 0, "fixed": 0}
     assert recheck("37+48: so 85\n85-19: so 67\nWait 85-19: so 67\n") == {"rechecked": True, "wrong": 1, "fixed": 0}
     assert recheck("37+48: so 85\nWait 48+1: so 49\n") == {"rechecked": False, "wrong": 0, "fixed": 0}  # new
     assert recheck("37+48: so 85\n")["rechecked"] is False
@@ -244,9 +245,15 @@ def test_predicate_by_hand():
         w.update(correct=[1.0] * right + [0.0] * (n - right), accuracy=right / n)
     assert list(checks(m).values())[2:] == [False, None]
     m["recheck"] = {"extended": 100, "rechecked": 2, "wrong": 4, "fixed": 0}
-    assert list(preconditions(m).values()) == [False, None, True]
+    assert list(preconditions(m).values()) == [False, None, True, True]  # 10 of the 16 right answers kept
     m["recheck"] = {"extended": 100, "rechecked": 50, "wrong": 30, "fixed": 1}
     assert list(preconditions(m).values())[:2] == [True, False]
+    waits[1].update(correct=[0.0] * 8 + [1.0] * 12 + [0.0] * 20)  # 8 of the 16 kept (and 4 fixed): not most
+    assert list(preconditions(m).values())[3] is False
+    waits[1].update(correct=[1.0] * 9 + [0.0] * 31)  # 9 of 16: most
+    assert list(preconditions(m).values())[3] is True
+    m["rows"] = caps + [w for w in waits if w["N"] != 1]
+    assert list(preconditions(m).values())[3] is None  # no single extension measured
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smoke):
@@ -275,3 +282,62 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(smok
             h.remove()
     assert len({len(g.tokens) for g in batch}) > 1  # rows did finish at different steps
     assert [g.tokens for g in batch] == [g.tokens for g in alone]
+
+
+def test_capped_and_extended_runs_resumed_from_others_equal_runs_from_scratch(smoke):
+    """The experiment builds each budget and each extension from the runs before it (`resume`): same tokens."""
+    from paperzoo.experiments.decoding.budget_forcing import capped, extended
+
+    model, tok = smoke.model, smoke.tokenizer
+    last = {}
+    trigger = torch.tensor(ids(tok, "= "))
+
+    def remember(module, args, kwargs):
+        last["ids"] = kwargs["input_ids"][:, -1]
+
+    def end_after_equals(module, args, output):  # a row's own last token decides: the delimiter comes back
+        output = output.clone()
+        output[:, -1, tok.convert_tokens_to_ids(END_THINK)] += 30.0 * torch.isin(last["ids"], trigger)
+        return output
+
+    prompts = PROMPTS + ["Q: 7+8\n<think>", "Q: 40x=80\n<think>", "Q: 3(x+1)=9\n<think>"]
+    cap_all, A = 30, 3
+
+    def force(rows, cap, N, continuation, resume=None):
+        return budget_force_batch(model, tok, [prompts[i] for i in rows], max_thinking_tokens=cap, num_extensions=N,
+                                  continuation=continuation, max_answer_tokens=A, max_new_tokens=cap_all + A + 2,
+                                  resume=resume)
+
+    hooks = [model.register_forward_pre_hook(remember, with_kwargs=True),
+             model.get_output_embeddings().register_forward_hook(end_after_equals)]
+    try:
+        everything = list(range(len(prompts)))
+        full = force(everything, None, 0, "Wait")
+        assert len({g.stats["thinking_tokens"] for g in full}) > 1
+        for cap in (0, 2, 5, cap_all):
+            assert [g.tokens for g in capped(force, full, cap, "Wait")] == \
+                [g.tokens for g in force(everything, cap, 0, "Wait")]
+        for continuation in ("Wait", ""):
+            gens = capped(force, full, cap_all, continuation)
+            for N in (1, 2, 3):
+                gens = extended(force, gens, cap_all, continuation)
+                direct = force(everything, cap_all, N, continuation)
+                assert [g.tokens for g in gens] == [g.tokens for g in direct]
+                assert [g.stats["extensions"] for g in gens] == [g.stats["extensions"] for g in direct]
+        assert any(g.stats["extensions"] == 3 for g in direct)  # the test reached three extensions somewhere
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_resume_counts_against_the_cap_and_opens_the_tokens(smoke):
+    model, tok = smoke.model, smoke.tokenizer
+    prefix = ids(tok, "12+34: 2+4=6")
+    (g,) = budget_force_batch(model, tok, ["Q: 12+34\n<think>"], max_thinking_tokens=len(prefix) + 2,
+                              max_answer_tokens=2, resume=[prefix])
+    assert g.tokens[:len(prefix)] == prefix and g.stats["thinking_tokens"] == len(prefix) + 2
+    assert g.tokens[len(prefix) + 2] == tok.convert_tokens_to_ids(END_THINK) and g.stats["forced_stop"]
+    with pytest.raises(ValueError, match="resume"):
+        budget_force_batch(model, tok, ["Q: 1+1\n<think>"], resume=[ids(tok, "1</think>")])
+    with pytest.raises(ValueError, match="resume"):
+        budget_force_batch(model, tok, ["Q: 1+1\n<think>", "Q: 2+2\n<think>"], resume=[prefix])

@@ -13,9 +13,11 @@ from paperzoo.decoding import count_forward_passes
 from paperzoo.decoding.deepconf import (
     Trace,
     bottom_group_confidence,
+    cut_below,
     deepconf_offline,
     deepconf_online,
     deepconf_online_batch,
+    deepconf_online_replay,
     deepconf_vote,
     group_confidences,
     lowest_group_confidence,
@@ -139,8 +141,10 @@ def test_early_stop_cuts_a_trace_exactly_where_its_group_confidence_first_drops(
                 assert cut.stopped and cut.num_tokens == stop + 1 and cut.tokens[-1] == eos
                 assert cut.tokens[:-1] == full.tokens[:stop]  # same random stream: a prefix of the full trace
                 assert torch.allclose(cut.confidences, full.confidences[:stop + 1], atol=1e-6)
+                replayed = cut_below(full, bar, window, eos)  # the replay cuts where the live run cut
+                assert replayed.stopped and replayed.tokens == cut.tokens and replayed.answer is None
                 continue
-        assert cut.tokens == full.tokens
+        assert cut.tokens == full.tokens and cut_below(full, bar, window, eos) is full
     assert cut_somewhere > 0
 
 
@@ -180,6 +184,32 @@ def test_online_with_parallel_draws_never_exceeds_the_budget(smoke):
     g = deepconf_online(smoke.model, smoke.tokenizer, "Q: 12+34\n<think>", budget=8, warmup=3, eta=90, window=4,
                         max_new_tokens=12, parallel=4, answer_of=lambda text: next(counter))
     assert g.stats["traces_generated"] == 8  # 3 warm-up, then draws of 4 and 1
+
+
+def test_online_replay_by_hand():
+    """Warm-up bar, cuts, confidence-weighted votes, draws of `parallel` and the budget, on known confidences."""
+    def t(conf, answer):
+        return Trace(list(range(1, len(conf) + 1)), str(answer), torch.tensor(conf, dtype=torch.float), answer)
+
+    warm = [t([5, 5, 5], "a"), t([5, 5, 5], "b"), t([1, 1, 1], "c")]  # bar: 10th percentile of 5, 5, 1 = 1.8
+    later = [t([5, 1, 1, 5, 5], "a"), t([5, 5, 5, 5], "a"), t([5, 5, 5], "a"), t([5, 5, 5], "a"), t([5, 5], "d")]
+    (g,) = deepconf_online_replay([warm + later], eos_token_id=0, budget=7, warmup=3, eta=90, tau=0.95, window=2,
+                                  parallel=2)
+    st = g.stats
+    assert st["threshold"] == pytest.approx(1.8) and st["traces_generated"] == 7 and st["online_traces"] == 4
+    assert st["trace_stopped"] == [False, False, False, True, False, False, False]  # window (1, 1) < 1.8 at token 2
+    assert st["tokens_spent"] == 3 + 3 + 3 + 3 + 4 + 3 + 3  # the cut trace: two tokens and the forced EOS
+    assert st["trace_voted"] == [True, True, False, False, True, True, True]
+    assert st["answer"] == "a" and st["votes"] == {"a": 20.0, "b": 5.0} and st["consensus"] == pytest.approx(0.8)
+    assert not st["consensus_reached"] and g.forward_passes == 0
+    (g,) = deepconf_online_replay([warm + later], eos_token_id=0, budget=7, warmup=3, eta=90, tau=0.75, window=2,
+                                  parallel=2)
+    assert g.stats["traces_generated"] == 7 and g.stats["consensus_reached"]  # 0.67 after the first draw of two
+    (g,) = deepconf_online_replay([warm + later], eos_token_id=0, budget=8, warmup=3, eta=90, tau=0.6, window=2,
+                                  parallel=2)
+    assert g.stats["traces_generated"] == 5  # consensus 10/15 >= 0.6 after one draw
+    with pytest.raises(ValueError, match="budget"):
+        deepconf_online_replay([warm + later], eos_token_id=0, budget=9, warmup=3)
 
 
 def test_offline_returns_the_voted_trace(smoke):

@@ -219,7 +219,8 @@ def test_linear_checker_by_hand():
         for p in problems(20, "test", tiers=[tier]):
             for i in range(3):  # a verbose or reflective trace: the step lines are found, the redone step counts
                 for style, (k, (work, _)) in ((s, kw) for s in ("terse", "verbose") for kw in enumerate(p.paths)):
-                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True, path=k))
+                    c = check_linear_solution(p, trace(p, style, random.Random(i), reflect=True, path=k,
+                                                              confirm=i > 0))
                     assert c.solved and c.verified == tuple(work_line(s) for s in work)
 
 
@@ -288,3 +289,44 @@ def test_searches_name_bad_arguments():
         migrate([[cand("a", 1.0)], [cand("b", 2.0)]], -1)
     with pytest.raises(ValueError, match="n_gens"):
         MindEvolutionConfig(n_gens=2.5)
+
+
+def test_lockstep_serves_every_waiting_search_in_one_call_per_round():
+    from paperzoo.core.reasoner import reasoner
+    from paperzoo.experiments.decoding.mind_evolution import Lockstep
+
+    smoke = reasoner("smoke")
+    qs = problems(3, "test", tiers=[EQUATION_TIER])
+    calls = []
+
+    def search(j):
+        def run(pb):
+            got = []
+            for turn in range(j + 1):  # search j asks j + 1 times, for j + 1 solutions each
+                rendered = [qs[j].prompt + f"{turn}"] * (j + 1)
+                out = pb(rendered)
+                assert len(out) == j + 1 and all(x.startswith(f"{turn}") for x in out)  # after the prompt
+                got.append(out)
+            calls.append(j)
+            return got
+        return run
+
+    lock = Lockstep(smoke.model, smoke.tokenizer, 1.0, 8, seed=0)
+    first = lock.run([search(j) for j in range(3)], [q.prompt for q in qs])
+    assert lock.rounds == 3  # the longest search's three calls; the others ride along
+    assert [len(r) for r in first] == [1, 2, 3] and sorted(calls) == [0, 1, 2]
+    again = Lockstep(smoke.model, smoke.tokenizer, 1.0, 8, seed=0).run([search(j) for j in range(3)],
+                                                                       [q.prompt for q in qs])
+    assert again == first  # reproducible whatever the threads' timing
+    other = Lockstep(smoke.model, smoke.tokenizer, 1.0, 8, seed=1).run([search(j) for j in range(3)],
+                                                                       [q.prompt for q in qs])
+    assert other != first
+
+    def broken(pb):
+        pb([qs[0].prompt])
+        raise RuntimeError("search 1 failed")
+
+    lock = Lockstep(smoke.model, smoke.tokenizer, 1.0, 8, seed=0)
+    with pytest.raises(RuntimeError, match="search 1 failed"):
+        lock.run([search(0), broken, search(2)], [q.prompt for q in qs])
+    assert lock.rounds == 3  # the other searches were still served to the end

@@ -138,16 +138,16 @@ def test_every_possible_error_is_wrong_and_every_correction_right():
             wrong, wait = T.reflection_lines(step, e)
             m = LINE.fullmatch(wrong)
             assert by_python(int(m[2]), m[3], int(m[4])) != int(m[6]) and int(m[6]) >= 0  # really wrong
-            named = re.fullmatch(r"Wait, (\S+), not (\S+)\. (.*)", wait)
-            right_col, wrong_col, redo = named.groups()
+            redo, said = re.fullmatch(r"Wait, (.*), not (\d+)\.", wait).groups()  # redo first, then judge
             fixed = LINE.fullmatch(redo)
             assert by_python(int(fixed[2]), fixed[3], int(fixed[4])) == int(fixed[6]) == step.result  # right
             assert (fixed[2], fixed[3], fixed[4]) == (m[2], m[3], m[4])  # the same step, redone
-            assert right_col != wrong_col and column_is_true(right_col)
+            assert int(said) == int(m[6])  # names the result it replaces
+            right_col, wrong_col = next((r, w) for r, w in zip(fixed[5].split(" "), m[5].split(" ")) if r != w)
+            assert column_is_true(right_col)
             assert column_is_true(wrong_col) == (e.kind == "drop")  # a dropped carry is a true sum without it
             stated = int(wrong_col.split("=")[1].split("r")[0])  # a plausible slip: still a digit (0..19 adding)
             assert 0 <= stated <= {"+": 19, "*": 89}.get(step.op, 9)
-            assert right_col in redo.split(": ")[1].split(" ") and wrong_col in m[5].split(" ")
     assert kinds == {"drop", "slip"}
     with pytest.raises(ValueError, match="right"):
         T.reflection_lines(T.Step(12, "+", 30), T.ColumnError("drop", 1))  # no carry to drop: not an error
@@ -168,10 +168,32 @@ def test_reflective_traces_have_one_wrong_step_then_a_fix_and_the_right_answer()
                 events = C.rechecks(text)
                 assert len(events) == 1 and events[0].on_wrong_step and events[0].fixed
                 assert C.style_of(text) == style
-                assert text.replace(lines[waits[0] - 1] + "\n" + lines[waits[0]], lines[waits[0]].split(". ", 1)[1]) \
+                redo = re.fullmatch(r"Wait, (.*), not \d+\.", lines[waits[0]])[1]
+                assert text.replace(lines[waits[0] - 1] + "\n" + lines[waits[0]], redo) \
                     == T.trace(p, style, path=path)  # without the error and its re-check, the plain trace
     with pytest.raises(ValueError, match="rng"):
         T.trace(only(0, 1)[0], reflect=True)
+    with pytest.raises(ValueError, match="rng"):
+        T.trace(only(0, 1)[0], confirm=True)
+
+
+def test_confirming_traces_redo_one_right_step_and_find_it_right():
+    rng = random.Random(4)
+    for tier in range(len(T.TIERS)):
+        for p in only(tier, 60):
+            for style in T.STYLES:
+                text = T.trace(p, style, rng, confirm=True, path=0)
+                lines = lines_of(text)
+                (k,) = [i for i, line in enumerate(lines) if line.startswith("Wait")]
+                redo = re.fullmatch(r"Wait, (.*), right\.", lines[k])[1]
+                assert redo == lines[k - 1] and C.parse_work(redo).right  # the line just before, redone the same
+                (e,) = C.rechecks(text)
+                assert e.kept and e.verdict == "right" and not e.on_wrong_step
+                assert text.replace(lines[k] + "\n", "", 1) == T.trace(p, style, path=0) and R.is_correct(p, text)
+                both = T.trace(p, style, rng, reflect=True, confirm=True, path=0)  # a correction may be re-checked
+                events = C.rechecks(both)
+                assert [e.verdict for e in events] in (["not", "right"], ["right", "not"]) and R.is_correct(p, both)
+                assert sum(e.fixed for e in events) == 1 and sum(e.kept for e in events) == 1
 
 
 # --------------------------------------------------------------------------- styles and data
@@ -210,21 +232,26 @@ def test_both_styles_parse_and_verbose_checks_are_true():
 
 def test_training_texts_draw_styles_and_reflection_at_the_stated_shares():
     ps = T.ladder_problems(3000, "train", mix=(1, 1, 1, 1), distinct=False)
-    texts = T.training_texts(ps, T.TraceMix(0.2, 0.15), seed=1)
+    texts = T.training_texts(ps, T.TraceMix(0.2, 0.15, confirm_share=0.1), seed=1)
     verbose = sum(C.style_of(t.split(R.THINK, 1)[1]) == "verbose" for t in texts) / len(texts)
-    reflect = sum(bool(C.rechecks(t.split(R.THINK, 1)[1])) for t in texts) / len(texts)
+    verdicts = [[e.verdict for e in C.rechecks(t.split(R.THINK, 1)[1])] for t in texts]
+    reflect, confirm = (sum(v in vs for vs in verdicts) / len(texts) for v in ("not", "right"))
     assert abs(verbose - 0.2) < 0.03 and abs(reflect - 0.15) < 0.03  # 4 binomial standard errors
+    assert abs(confirm - 0.1) < 0.025 and abs(sum(len(vs) == 2 for vs in verdicts) / len(texts) - 0.015) < 0.01
     assert all(t.startswith(p.prompt) for t, p in zip(texts, ps))  # nothing in the prompt marks the style
     assert all(R.is_correct(p, t) for t, p in zip(texts, ps))
-    none = T.training_texts(ps[:100], T.TraceMix(0.0, 0.0))
+    none = T.training_texts(ps[:100], T.TraceMix(0.0, 0.0, confirm_share=0.0))
     assert all(t in [p.prompt + T.trace(p, path=k) for k in range(len(p.paths))] for t, p in zip(none, ps))
     two = [p for p in ps if len(p.paths) == 2]
-    first = sum(t == p.prompt + p.solution for t, p in zip(T.training_texts(two, T.TraceMix(0.0, 0.0)), two))
+    plain = T.training_texts(two, T.TraceMix(0.0, 0.0, confirm_share=0.0))
+    first = sum(t == p.prompt + p.solution for t, p in zip(plain, two))
     assert abs(first / len(two) - 0.5) < 0.05  # either path, half the time each (4 binomial standard errors)
-    every = T.training_texts(ps[:100], T.TraceMix(1.0, 1.0))
-    assert all(C.style_of(t) == "verbose" and len(C.rechecks(t)) == 1 for t in every)
+    every = T.training_texts(ps[:100], T.TraceMix(1.0, 1.0, confirm_share=1.0))
+    assert all(C.style_of(t) == "verbose" and len(C.rechecks(t)) == 2 for t in every)
     with pytest.raises(ValueError, match="verbose_share"):
         T.TraceMix(1.5, 0.1)
+    with pytest.raises(ValueError, match="confirm_share"):
+        T.TraceMix(confirm_share=-0.1)
 
 
 def test_every_trace_encodes_without_unknown_tokens():
@@ -274,23 +301,27 @@ def test_majority_vote_known_values():
 
 
 def test_recheck_detection_on_hand_built_completions():
-    fix = "37+48: 7+8=15 3+4=7 so 75\nWait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85\n</think>Answer: 85"
+    fix = "37+48: 7+8=15 3+4=7 so 75\nWait, 37+48: 7+8=15 3+4+1=8 so 85, not 75.\n</think>Answer: 85"
     (e,) = C.rechecks(fix)
-    assert e.on_wrong_step and e.fixed and e.before.stated == 75 and e.after.stated == 85
-    false_alarm = "37+48: 7+8=15 3+4+1=8 so 85\nWait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85\n</think>"
-    (e,) = C.rechecks(false_alarm)
-    assert not e.on_wrong_step and not e.fixed
-    still_wrong = "37+48: 7+8=15 3+4=7 so 75\nWait, 7+8=15, not 7+8=15. 37+48: 7+8=15 3+4=7 so 74\n</think>"
+    assert e.on_wrong_step and e.fixed and e.before.stated == 75 and e.after.stated == 85 and e.verdict == "not"
+    assert not e.kept and not e.on_right_step
+    confirmed = "37+48: 7+8=15 3+4+1=8 so 85\nWait, 37+48: 7+8=15 3+4+1=8 so 85, right.\n</think>"
+    (e,) = C.rechecks(confirmed)
+    assert e.on_right_step and e.kept and not e.fixed and e.verdict == "right"
+    broke = "37+48: 7+8=15 3+4+1=8 so 85\nWait, 37+48: 7+8=15 3+4=7 so 75, not 85.\n</think>"
+    (e,) = C.rechecks(broke)
+    assert e.on_right_step and not e.kept and not e.on_wrong_step
+    still_wrong = "37+48: 7+8=15 3+4=7 so 75\nWait, 37+48: 7+8=15 3+4=7 so 74, not 75.\n</think>"
     (e,) = C.rechecks(still_wrong)
     assert e.on_wrong_step and not e.fixed
-    other_step = "37+48: 7+8=15 3+4=7 so 75\nWait, 1+1=2, not 1+1=3. 11+11: 1+1=2 1+1=2 so 22\n</think>"
+    other_step = "37+48: 7+8=15 3+4=7 so 75\nWait, 11+11: 1+1=2 1+1=2 so 22, not 75.\n</think>"
     (e,) = C.rechecks(other_step)
     assert e.on_wrong_step and e.after.right and not e.fixed  # a right line, but not the step it re-checks
-    two = ("x=659/7: 6/7=0r6 65/7=8r2 29/7=4r1 so 84\nWait, 65/7=9r2, not 65/7=8r2. x=658/7: 6/7=0r6 65/7=9r2 "
-           "28/7=4r0 so 94\nWait, no. 94+1: 4+1=5 9+0=9 so 95\n</think>")
+    two = ("x=659/7: 6/7=0r6 65/7=8r2 29/7=4r1 so 84\nWait, x=658/7: 6/7=0r6 65/7=9r2 28/7=4r0 so 94, not 84.\n"
+           "Wait, 94+1: 4+1=5 9+0=9 so 95, right.\n</think>")
     first, second = C.rechecks(two)
     assert first.on_wrong_step and not first.fixed  # 659/7 is not 84; the redo is of 658/7, another step
-    assert not second.on_wrong_step  # it follows the right redo 658/7=94
+    assert second.on_right_step and not second.kept  # it follows the right redo 658/7=94, and redoes another step
     assert C.rechecks("37+48: 7+8=15 3+4=7 so 75\n</think>Answer: 75 Wait") == []  # only thinking counts
     assert C.rechecks("Wait, hmm.\n</think>")[0].before is None
     assert C.parse_work("x=684/9: 6/9=0r6 68/9=7r5 54/9=6r0 so 76").right
@@ -355,7 +386,11 @@ def test_summarize_on_hand_built_completions():
     drawn[0] = T.trace(ps[0], "terse", rng, reflect=True)
     s = C.summarize(ps, greedy, drawn, 4)
     assert s["recheck"] == {"greedy_rate": 0.0, "sampled_rate": 1 / 32, "rechecks": 1, "on_wrong_step": 1,
-                            "fixed": 1, "fix_rate": 1.0}
+                            "fixed": 1, "fix_rate": 1.0, "on_right_step": 0, "kept": 0, "keep_rate": None}
+    drawn[1] = T.trace(ps[0], "terse", rng, confirm=True)
+    assert C.summarize(ps, greedy, drawn, 4)["recheck"] == {
+        "greedy_rate": 0.0, "sampled_rate": 2 / 32, "rechecks": 2, "on_wrong_step": 1, "fixed": 1, "fix_rate": 1.0,
+        "on_right_step": 1, "kept": 1, "keep_rate": 1.0}
     with pytest.raises(ValueError, match="drawn"):
         C.summarize(ps, greedy, drawn[:-1], 4)
 
@@ -374,8 +409,8 @@ def test_card_runs_on_the_smoke_reasoner():
     ps = T.ladder_problems(8, "test")  # the default budget: the longest trace and a quarter, within 1024 positions
     prompt = max(len(smoke.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) for p in ps)
     assert C.default_budget(smoke.model, smoke.tokenizer, ps) <= 1024 - prompt
-    longest = max(len(smoke.tokenizer(T.trace(ps[0], "verbose", random.Random(i), True))["input_ids"])
-                  for i in range(20))  # room for any reflective verbose trace, and EOS
+    longest = max(len(smoke.tokenizer(T.trace(ps[0], "verbose", random.Random(i), True, confirm=True))["input_ids"])
+                  for i in range(20))  # room for any verbose trace with both re-checks, and EOS
     assert longest + 1 < C.default_budget(smoke.model, smoke.tokenizer, ps[:1]) < 1.5 * longest
     with pytest.raises(ValueError, match="n must be"):
         C.card(smoke.model, smoke.tokenizer, n=2)
@@ -393,8 +428,8 @@ def test_train_reasoner_smoke_and_the_small_proposal():
     ctx = 256
     assert T.forward_flops_per_token(small.model, ctx) >= 4 * T.forward_flops_per_token(draft.model, ctx)
     tok, rng = R.reasoning_tokenizer(), random.Random(0)
-    longest = max(len(tok(p.prompt + T.trace(p, "verbose", rng, True), add_special_tokens=False)["input_ids"])
-                  for p in only(3, 500))
+    longest = max(len(tok(p.prompt + T.trace(p, "verbose", rng, True, confirm=True), add_special_tokens=False)
+                      ["input_ids"]) for p in only(3, 500))
     assert longest < small.model.max_seq_len == draft.model.max_seq_len
     with pytest.raises(ValueError, match="tier_mix"):
         T.ReasonerSpec(spec.model, spec.train, 10, tier_mix=(1.0,))

@@ -164,3 +164,39 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds():
     assert grow.get_seq_length() == plain.get_seq_length() == 304
     torch.testing.assert_close(keys, plain_keys, rtol=0, atol=0)
     torch.testing.assert_close(values, plain_values, rtol=0, atol=0)
+
+
+def test_guided_greedy_drops_finished_rows_from_both_caches(smoke_reasoner):
+    """With a guide model, rows that end at different steps leave both caches: each row's tokens are the argmax of
+    the combined logits of its own full sequence, as alone and without any cache."""
+    from paperzoo.core.reasoner import REASONERS
+
+    torch.manual_seed(2)
+    model, tok = REASONERS["smoke"].model.build().eval(), smoke_reasoner.tokenizer
+    torch.manual_seed(3)
+    guide = REASONERS["smoke"].model.build().eval()
+
+    def combine(b, g):
+        return torch.log_softmax(b.float(), -1) + 0.7 * torch.log_softmax(g.float(), -1)
+
+    prompts = [p.prompt for p in problems(6, "test")]
+    free = sample(model, tok, prompts, temperature=0, max_new_tokens=20, guide=guide, combine=combine)
+    stop = max({t for s in free for t in s.tokens},
+               key=lambda t: len({s.tokens.index(t) if t in s.tokens else None for s in free}))
+    tok.eos_token_id, old = stop, tok.eos_token_id
+    try:
+        mine = sample(model, tok, prompts, temperature=0, max_new_tokens=20, guide=guide, combine=combine)
+        assert len({len(s.tokens) for s in mine}) >= 2  # rows did leave at different steps
+        with torch.no_grad():
+            for p, s in zip(prompts, mine):
+                row = tok(p, add_special_tokens=False)["input_ids"]
+                want = []
+                while len(want) < 20 and (not want or want[-1] != stop):
+                    ids = torch.tensor([row + want])
+                    want.append(int(combine(model(input_ids=ids).logits[0, -1], guide(input_ids=ids).logits[0, -1])
+                                    .argmax()))
+                assert s.tokens == want
+    finally:
+        tok.eos_token_id = old
+    with pytest.raises(ValueError, match="guide"):
+        sample(model, tok, prompts, guide=guide)

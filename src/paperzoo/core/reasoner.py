@@ -1,4 +1,4 @@
-"""The shared tiny reasoner (version 3): a difficulty ladder, two solution paths, two trace styles, reflective traces.
+"""The shared tiny reasoner (version 4): a difficulty ladder, two solution paths, two trace styles, re-checks.
 
 Test-time-compute, RL and fine-tuning papers make claims about models that reason step
 by step, are right on easy problems and wrong on hard ones, sometimes catch their own
@@ -65,18 +65,30 @@ step (``Step 2 of 3: 85-19+23``) and verifies each result by the inverse operati
 (``Check: 66+19=85, right.``), about 2.5x longer. Training data draws the style per
 trace with a stated share (default 20% verbose); nothing in the prompt says which.
 
-**Reflection.** A reflective trace holds one wrong step, always really wrong, followed
-by a line that starts with ``Wait``, names the first wrong column and its correction,
-and redoes the step right:
-``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 3+4+1=8, not 3+4=7. 37+48: 7+8=15 3+4+1=8 so 85``.
+**Re-checks.** A *reflective* trace holds one wrong step, always really wrong, followed
+by a line that starts with ``Wait``, redoes the step right and says the first result was
+not it; later steps continue from the right value:
+``37+48: 7+8=15 3+4=7 so 75`` / ``Wait, 37+48: 7+8=15 3+4+1=8 so 85, not 75.``
 The error is one a column-wise reasoner makes: a dropped carry, borrow or remainder, or
-a column result off by one. Training data draws reflection per trace with a stated
-share (default 15%). The wrong line itself is left out of the loss (`TraceMix.mask_wrong_step`,
-labels -100): the model learns to re-check after an error, not to make errors on purpose.
-Trained on the wrong line too (the first recipe), sampled traces at temperature 1 wrote a
-wrong step in about 12% of samples and fixed only a fifth of them, so samples were much
-worse than greedy decoding and majority voting could not beat it. Validation loss still
-scores the wrong lines.
+a column result off by one. A *confirming* trace re-checks one right step the same way and
+finds it right: ``37+48: 7+8=15 3+4+1=8 so 85`` / ``Wait, 37+48: 7+8=15 3+4+1=8 so 85, right.``
+Training data draws each per trace with a stated share (default 15% each, independently;
+a trace with both may re-check its correction). The wrong line itself is left out of the
+loss (`TraceMix.mask_wrong_step`, labels -100): the model learns to re-check after an
+error, not to make errors on purpose. Trained on the wrong line too (the first recipe),
+sampled traces at temperature 1 wrote a wrong step in about 12% of samples and fixed only
+a fifth of them, so samples were much worse than greedy decoding and majority voting could
+not beat it. Validation loss still scores the wrong lines.
+
+Why version 4 (issue 10, A.3). In version 3 a re-check named the wrong column first
+(``Wait, 3+4+1=8, not 3+4=7. 37+48: ...``) and only ever followed a wrong step, as in
+that recipe's 15% of reflective traces. A ``Wait`` forced after right work (budget
+forcing, 2501.19393) was then read as "the last step was wrong": the model re-checked
+72-76% of the time but rewrote right answers, and one forced ``Wait`` took accuracy from
+0.69-0.77 to 0.47-0.48. The reasoning traces s1 and its peers train on use "Wait" both
+to correct and to confirm, so version 4 adds confirming re-checks, and every re-check
+first redoes the step and only then judges it, so that the judgement can rest on the redo.
+Nothing else changed: ladder, paths, styles, model and training run are version 3's.
 
 **Training.** `ReasonerSpec` holds the model, the training run, the style and
 reflection shares and the tier mix; `train_reasoner` trains one and returns (model,
@@ -89,6 +101,7 @@ written beside `REASONERS`.
 from __future__ import annotations
 
 import random
+import re
 import time
 from itertools import zip_longest
 from collections.abc import Sequence
@@ -299,13 +312,16 @@ def possible_errors(step: Step) -> list[ColumnError]:
 
 
 def reflection_lines(step: Step, error: ColumnError) -> tuple[str, str]:
-    """(the wrong line, the ``Wait`` line that names the first wrong column and redoes the step right)."""
-    wrong_cols, wrong = column_work(step, error)
-    right_cols, right = column_work(step)
-    if wrong == right:
+    """(the wrong line, the ``Wait`` line that redoes the step right and says the first result was not it)."""
+    _, wrong = column_work(step, error)
+    if wrong == step.result:
         raise ValueError(f"the error {error} leaves {step.expression} right; it must make the step wrong")
-    i = next(k for k, (w, r) in enumerate(zip(wrong_cols, right_cols)) if w != r)
-    return work_line(step, error), f"{WAIT}, {right_cols[i]}, not {wrong_cols[i]}. {work_line(step)}"
+    return work_line(step, error), f"{WAIT}, {work_line(step)}, not {wrong}."
+
+
+def confirmation_line(step: Step) -> str:
+    """The ``Wait`` line that redoes a right step and finds the same result."""
+    return f"{WAIT}, {work_line(step)}, right."
 
 
 def check_line(step: Step) -> str:
@@ -448,18 +464,19 @@ def ladder_problems(n: int, split: str = "test", seed: int = 0, tiers: Sequence[
 
 
 def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-                   reflect: bool = False, path: int | None = None) -> list[tuple[str, bool]]:
+                   reflect: bool = False, path: int | None = None, confirm: bool = False) -> list[tuple[str, bool]]:
     """`trace` as (text, is the injected wrong step) pieces, so training can leave the wrong step out of the loss."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, not {style!r}")
-    if reflect and rng is None:
-        raise ValueError("rng is required when reflect is True (it draws the wrong step and its error)")
+    if (reflect or confirm) and rng is None:
+        raise ValueError("rng is required when reflect or confirm is True (it draws the re-checked steps)")
     if path is not None and not 0 <= path < len(problem.paths):
         raise ValueError(f"path must be in 0..{len(problem.paths) - 1} for this problem, not {path}")
     if path is None:
         path = rng.randrange(len(problem.paths)) if rng is not None and len(problem.paths) > 1 else 0
     work, states = problem.paths[path]
     wrong_at = rng.randrange(len(work)) if reflect else None
+    confirm_at = rng.randrange(len(work)) if confirm else None
     pieces: list[tuple[str, bool]] = []
     for k, step in enumerate(work):
         if style == "verbose":
@@ -469,6 +486,8 @@ def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Ran
             pieces += [(f"{wrong}\n", True), (f"{recheck}\n", False)]
         else:
             pieces.append((f"{work_line(step)}\n", False))
+        if k == confirm_at:  # after a correction too: the corrected line is checked again
+            pieces.append((f"{confirmation_line(step)}\n", False))
         if style == "verbose":
             pieces.append((f"{check_line(step)}\n", False))
     pieces.append((f"{END_THINK}{ANSWER} {problem.answer}", False))
@@ -482,15 +501,16 @@ def trace_segments(problem: LadderProblem, style: str = "terse", rng: random.Ran
 
 
 def trace(problem: LadderProblem, style: str = "terse", rng: random.Random | None = None,
-          reflect: bool = False, path: int | None = None) -> str:
+          reflect: bool = False, path: int | None = None, confirm: bool = False) -> str:
     """What a reasoner writes after the prompt: the thinking, ``</think>``, ``Answer: N`` (EOS follows).
 
     A problem with several solution paths follows `path`; with none given, one drawn by
     `rng`, or the first without an `rng`. With `reflect`, one step (drawn by `rng`) is written
     wrong with a drawn column error, then re-checked after ``Wait`` and redone right; later
-    steps continue from the right value.
+    steps continue from the right value. With `confirm`, one step (drawn by `rng`
+    independently) is re-checked after ``Wait`` and found right.
     """
-    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect, path))
+    return "".join(text for text, _ in trace_segments(problem, style, rng, reflect, path, confirm))
 
 
 @dataclass(frozen=True)
@@ -504,9 +524,10 @@ class TraceMix:
     verbose_share: float = 0.2
     reflect_share: float = 0.15
     mask_wrong_step: bool = True
+    confirm_share: float = 0.15
 
     def __post_init__(self):
-        for name in ("verbose_share", "reflect_share"):
+        for name in ("verbose_share", "reflect_share", "confirm_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
 
@@ -519,7 +540,8 @@ def training_examples(problems: Sequence[LadderProblem], mix: TraceMix = TraceMi
     for p in problems:
         style = "verbose" if rng.random() < mix.verbose_share else "terse"
         reflect = rng.random() < mix.reflect_share
-        pieces = [(p.prompt, False)] + trace_segments(p, style, rng, reflect)
+        confirm = rng.random() < mix.confirm_share if mix.confirm_share else False  # v3's draws without it
+        pieces = [(p.prompt, False)] + trace_segments(p, style, rng, reflect, confirm=confirm)
         out.append([(text, wrong and mix.mask_wrong_step) for text, wrong in pieces])
     return out
 
@@ -585,8 +607,8 @@ def forward_flops_per_token(config: TinyLMConfig, context: int) -> float:
 
 _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 # `small`, chosen on validation loss and the card (issue 10: never on a paper's verdict). Width 160 x 6 layers
-# (1.9M parameters), 1024 positions (the longest trace, tier 3 verbose and reflective, is ~760 tokens with its
-# prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
+# (1.9M parameters), 1024 positions (the longest trace, tier 3 verbose with both re-checks, is ~830 tokens with
+# its prompt). Runs on this project's 2-core CPU (AMD EPYC, AVX512-bf16, 2 threads), with the card on held-out
 # problems (greedy accuracy by tier; majority@16 minus greedy):
 #   A. first ladder (top tier a 4-5 operation chain), wrong steps trained on, 830 steps x 16 x 256 (3.4M tokens):
 #      356 s, val loss 0.277; card (100 problems): [1.00, 0.68, 0.16, 0.04], majority -1 point;
@@ -598,16 +620,24 @@ _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 #   D. (v3) C with bracket equations and two solution paths (tiers: one and two operations, brackets of two and
 #      three digits), 1600 steps: val loss 0.224; card (500): [1.00, 1.00, 0.78, 0.68], overall 0.866,
 #      majority +4.6 points (+12.8 and +5.6 on the equations);
-#   E. this recipe: D's ladder without the one-operation tier, with a four-digit bracket tier on top, 1600 steps
+#   E. (v3) D's ladder without the one-operation tier, with a four-digit bracket tier on top, 1600 steps
 #      (1,042 s on one thread beside other work): val loss 0.253; card (500): [0.93, 0.73, 0.70, 0.44],
-#      overall 0.698, majority +5.4 points; six of the seven targets (the hardest tier is above 0.40).
+#      overall 0.698, majority +5.4 points; six of the seven targets (the hardest tier is above 0.40);
+#   F. (v4) E with confirming re-checks and re-checks that redo the step first, 1600 steps (1,129 s on one
+#      thread): val loss 0.260 (0.756 at step 400, where E had 0.527); card (500): [0.96, 0.88, 0.00, 0.00]:
+#      on the three- and four-digit brackets it never copies the question's d into ``x-d=...`` (greedy and
+#      sampled, it writes other numbers, often 1992), though its training traces copy d right every time;
+#   G. this recipe: F for 2400 steps on 120,000 problems (the same number of epochs), for the copying to emerge
+#      (999 s on 2 threads): val loss 0.241; card (500): [1.00, 0.976, 0.888, 0.52], overall 0.846, majority
+#      +7.4 points; five of the seven targets (too capable: the hardest tier and overall are above them).
+#      Kept for its validation loss and its sampling and re-check properties; a harder top tier is next.
 REASONERS = {
     "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 1024),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
                           val_problems=16),
     "small": ReasonerSpec(TinyLMConfig(_VOCAB, 160, 6, 5, 448, 1024),
-                          TrainConfig(steps=1600, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100,
-                                      eval_every=400), 80_000),
+                          TrainConfig(steps=2400, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100,
+                                      eval_every=400), 120_000),
     # `large` (a GPU): the same recipe, wider and deeper, on 10x the tokens. Not trained or measured here.
     "large": ReasonerSpec(TinyLMConfig(_VOCAB, 320, 8, 8, 896, 1024),
                           TrainConfig(steps=8000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=400,
@@ -657,7 +687,10 @@ def train_reasoner(spec: ReasonerSpec, desc: str = "training a reasoner") -> tup
         "data": {"traces": len(texts), "tokens": data_tokens, "epochs": history["tokens"] / data_tokens,
                  "masked_tokens": int((labels == -100).sum()),
                  "verbose_share": sum(f"\n{CHECK} " in t for t in texts) / len(texts),
-                 "reflect_share": sum(f"\n{WAIT}, " in t for t in texts) / len(texts),
+                 "reflect_share": sum(re.search(rf"\n{WAIT}, [^\n]*, not -?\d+\.\n", t) is not None
+                                      for t in texts) / len(texts),
+                 "confirm_share": sum(re.search(rf"\n{WAIT}, [^\n]*, right\.\n", t) is not None
+                                      for t in texts) / len(texts),
                  "tier_share": [sum(p.tier == t for p in train_set) / len(train_set) for t in range(len(spec.tiers))]},
         **history,
     }
@@ -715,7 +748,7 @@ CARD_SIZE = {"smoke": (8, 2, 32), "small": (500, 16, None), "large": (500, 16, N
 
 def _cached(kind: str, spec: ReasonerSpec, scale: str) -> Reasoner:
     tokenizer = reasoning_tokenizer()
-    key = store.stable_hash([f"{kind}-v3", asdict(spec), tokenizer.backend_tokenizer.to_str()])
+    key = store.stable_hash([f"{kind}-v4", asdict(spec), tokenizer.backend_tokenizer.to_str()])
     path = store.home() / "models" / f"{kind}-{scale}-{key}"
 
     def build(tmp: Path) -> None:

@@ -10,9 +10,11 @@ hand on completions with known answers (tests/test_reasoning_v2.py).
   which c are right, $1 - \\binom{n-c}{k} / \\binom{n}{k}$.
 - **Majority vote**: the most frequent extracted answer among a problem's samples
   (samples without an answer do not vote; a tie goes to the answer seen first).
-- **Re-checks**: a thinking line that starts with ``Wait``. A re-check *fixed* a step when
-  the work line before it is arithmetically wrong and the step it redoes (same operands)
-  is right. A work line is ``[lead]a op b: columns so r``; it is right when r = a+b,
+- **Re-checks**: a thinking line that starts with ``Wait``; version 4 writes it
+  ``Wait, <the step redone>, right.`` or ``..., not <the first result>.``. A re-check
+  *fixed* a step when the work line before it is arithmetically wrong and the step it
+  redoes (same operands) is right; it *kept* a step when the line before it is right and
+  the redo is too. A work line is ``[lead]a op b: columns so r``; it is right when r = a+b,
   a-b, a*b, or a/b exactly, whatever its columns say.
 - **Style**: *verbose* when a thinking line starts with ``Check:`` or ``Step ``, else *terse*.
 - **Thinking length**: the completion before ``</think>`` (or before EOS, or all of it),
@@ -38,7 +40,7 @@ from paperzoo.core.sampling import check_positions, max_positions, sample
 from paperzoo.core.training import progress
 
 _WORK = re.compile(r"(?:\d*x(?:[+-]\d+)?=)?(\d+)([+\-*/])(\d+): (.*?) ?so (-?\d+)")
-_WAIT = re.compile(re.escape(WAIT) + r"\b.*?\.\s*(.*)")
+_WAIT = re.compile(re.escape(WAIT) + r",? *(.*?)(?:, (right|not)(?: -?\d+)?\.?)?")  # fullmatch: redo, verdict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,10 +90,14 @@ def parse_work(line: str) -> WorkLine | None:
 
 @dataclass(frozen=True)
 class Recheck:
-    """One ``Wait`` line: the work it follows (`before`) and the work it redoes (`after`), either None if absent."""
+    """One ``Wait`` line: the work it follows (`before`), the work it redoes (`after`) and its verdict.
+
+    Each is None when absent; `verdict` is "right" or "not".
+    """
 
     before: WorkLine | None
     after: WorkLine | None
+    verdict: str | None = None
 
     @property
     def on_wrong_step(self) -> bool:
@@ -103,15 +109,25 @@ class Recheck:
         return (self.on_wrong_step and self.after is not None and self.after.right
                 and self.after.operands == self.before.operands)
 
+    @property
+    def on_right_step(self) -> bool:
+        return self.before is not None and self.before.right
+
+    @property
+    def kept(self) -> bool:
+        """The re-check redid a right step right (same operands)."""
+        return (self.on_right_step and self.after is not None and self.after.right
+                and self.after.operands == self.before.operands)
+
 
 def rechecks(completion: str) -> list[Recheck]:
     """Every re-check in the thinking part, in order."""
     out, last = [], None
     for line in thinking(completion).split("\n"):
         if line.startswith(WAIT):
-            m = _WAIT.match(line)
+            m = _WAIT.fullmatch(line)
             after = parse_work(m[1]) if m else None
-            out.append(Recheck(last, after))
+            out.append(Recheck(last, after, m[2] if m else None))
             last = after if after is not None else last
         elif (work := parse_work(line)) is not None:
             last = work
@@ -201,12 +217,12 @@ def _rounded(x):
 
 
 def default_budget(model, tokenizer, problems) -> int:
-    """New tokens for the longest trace of these problems (verbose, reflective) and a quarter more, within positions."""
+    """New tokens for the longest trace of these problems (verbose, both re-checks) and a quarter more, within positions."""
     def count(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     rng = random.Random(0)
-    longest = max(count(trace(p, "verbose", rng, reflect=True)) for p in problems)
+    longest = max(count(trace(p, "verbose", rng, reflect=True, confirm=True)) for p in problems)
     budget = int(1.25 * longest) + 8
     limit = max_positions(model)
     if limit is not None:
@@ -281,6 +297,7 @@ def summarize(problems: Sequence, greedy: Sequence[str], drawn: Sequence[str], s
     events = [rechecks(c) for c in drawn]
     all_events = [e for es in events for e in es]
     on_wrong = [e for e in all_events if e.on_wrong_step]
+    on_right = [e for e in all_events if e.on_right_step]
     styles = [style_of(c) for c in drawn]
     flat_right = [r for rs in right for r in rs]
     style_figures = {}
@@ -308,6 +325,8 @@ def summarize(problems: Sequence, greedy: Sequence[str], drawn: Sequence[str], s
             "rechecks": len(all_events), "on_wrong_step": len(on_wrong),
             "fixed": sum(e.fixed for e in on_wrong),
             "fix_rate": sum(e.fixed for e in on_wrong) / len(on_wrong) if on_wrong else None,
+            "on_right_step": len(on_right), "kept": sum(e.kept for e in on_right),
+            "keep_rate": sum(e.kept for e in on_right) / len(on_right) if on_right else None,
         },
         "style": style_figures,
         "per_problem": {"tier": tier, "greedy_correct": greedy_right, "pass@1": pass1},

@@ -170,17 +170,30 @@ def cache_argument(model) -> str:
 
 
 @torch.no_grad()
-def _decode(model, enc: dict, max_new_tokens: int, temperature: float, top_p: float, eos: int | None):
-    """Generated tokens and raw logits per row, each row stopping at its first EOS (which it keeps)."""
+def _decode(model, enc: dict, max_new_tokens: int, temperature: float, top_p: float, eos: int | None,
+            guide=None, combine=None):
+    """Generated tokens and the logits sampled from, per row, each row stopping at its first EOS (which it keeps).
+
+    With a `guide` model, it decodes in step with `model` (its own cache, the same rows
+    dropped), and each step samples from ``combine(model's logits, guide's logits)``.
+    """
     ids, mask = enc["input_ids"], enc["attention_mask"]
     rows = torch.arange(ids.shape[0])  # the batch rows still generating, as indices of the original rows
     tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
     logits_of: list[list[torch.Tensor]] = [[] for _ in range(ids.shape[0])]
-    position, cache_name, cache = (mask.cumsum(-1) - 1).clamp(min=0), cache_argument(model), GrowingCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **{cache_name: cache})
+    models = [model] if guide is None else [model, guide]
+    caches = [GrowingCache() for _ in models]
+    names = [cache_argument(m) for m in models]
+
+    def last_logits(step_ids, mask, position):
+        out = [m(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                 **{name: c}).logits[:, -1] for m, name, c in zip(models, names, caches)]
+        return out[0].float() if guide is None else combine(*out).float()
+
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = last_logits(ids, mask, position)
     position = position[:, -1:]
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
         chosen = _next_tokens(logits, temperature, top_p)
         for r, t, lg in zip(rows.tolist(), chosen.tolist(), logits):
             tokens[r].append(t)
@@ -190,23 +203,28 @@ def _decode(model, enc: dict, max_new_tokens: int, temperature: float, top_p: fl
             break
         if not going.all():
             keep = going.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            for cache in caches:
+                cache.batch_select_indices(keep)
             rows, chosen, mask, position = rows[keep], chosen[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
         position = position + 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                    **{cache_name: cache})
+        logits = last_logits(chosen[:, None], mask, position)
     return tokens, [torch.stack(lg) for lg in logits_of]
 
 
 def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_p: float = 1.0, top_k_logprobs: int = 0, seed: int = 0,
-           batch_size: int = 64) -> list[Sample]:
+           batch_size: int = 64, guide=None, combine=None) -> list[Sample]:
     """`num_samples` completions of each prompt (greedy when temperature is 0), with statistics.
 
     Returns samples grouped by prompt: prompt 0's samples first. Batches are padded on
-    the left whatever the tokenizer's `padding_side`.
+    the left whatever the tokenizer's `padding_side`. With a `guide` model (a reward model
+    in guided decoding), both run in step, each with its own cache, and tokens are drawn
+    from ``combine(model's logits, guide's logits)``; the statistics are then those of
+    that combined distribution.
     """
+    if (guide is None) != (combine is None):
+        raise ValueError("guide and combine go together: a guide model and how to combine its logits")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if num_samples < 1 or batch_size < 1:
@@ -222,7 +240,7 @@ def sample(model, tokenizer, prompts: Sequence[str], num_samples: int = 1, max_n
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         enc = encode_left_padded(tokenizer, [p for _, p in chunk])
-        tokens, logits = _decode(model, enc, max_new_tokens, temperature, top_p, eos)
+        tokens, logits = _decode(model, enc, max_new_tokens, temperature, top_p, eos, guide, combine)
         for (i, _), ids, lg in zip(chunk, tokens, logits):
             chosen, entropy, top = token_statistics(lg, torch.tensor(ids), top_k_logprobs)
             out.append(Sample(i, ids, tokenizer.decode(ids), chosen, entropy, eos in ids, top))

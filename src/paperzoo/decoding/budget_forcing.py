@@ -50,6 +50,13 @@ Implementation notes:
 - A model that emits EOS while thinking is done (nothing to force). `max_new_tokens`
   bounds everything, so a model that never stops thinking still terminates; by default
   it is what the model's positions leave after the prompt.
+- `resume` continues thinking another run has written (read in one pass, not decoded
+  again): with greedy decoding a run capped at $c$ is the uncapped run's first $c$
+  thinking tokens and the delimiter, and a run with $N$ extensions is the run with
+  $N - 1$ up to its last delimiter, then one more extension. The experiment builds
+  its budgets and extensions that way: the same tokens (tested, up to floating-point
+  near-ties between a one-pass read and token-by-token decoding), with each thinking
+  token decoded once rather than once per budget and extension.
 - With no cap and no extensions the loop is plain decoding (a test checks it
   against `generate`'s greedy output token for token).
 - Prompts are padded on the left whatever the tokenizer's `padding_side`, with position
@@ -110,11 +117,16 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, banned: int 
 def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_tokens: int | None = None,
                        num_extensions: int = 0, continuation: str = "Wait", end_of_thinking: str = END_THINK,
                        answer_prefix: str = "", max_answer_tokens: int = 32, max_new_tokens: int | None = None,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                       resume: Sequence[Sequence[int]] | None = None) -> list[Generation]:
     """Budget forcing for every prompt at once; `forward_passes` and `wall_seconds` are the batch's.
 
     `max_new_tokens` bounds every generation (thinking and answer); by default, as many
     as the model's positions leave after the longest prompt (1024 if it has no limit).
+    `resume` holds, per prompt, thinking tokens already written (no delimiter among them):
+    they are read in one forward pass after the prompt, count against `max_thinking_tokens`,
+    and open the returned tokens, so a run can continue another's thinking without
+    decoding it again.
     """
     if max_thinking_tokens is not None and max_thinking_tokens < 0:
         raise ValueError(f"max_thinking_tokens must be >= 0 or None, not {max_thinking_tokens}")
@@ -132,6 +144,10 @@ def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_to
     prefix = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     eos = tokenizer.eos_token_id
     enc = encode_left_padded(tokenizer, prompts)
+    if resume is not None:
+        if len(resume) != len(prompts) or any(d in r or eos in r for r in resume):
+            raise ValueError("resume must hold one list of thinking tokens per prompt, without the delimiter or EOS")
+        enc = _append(enc, resume, eos if eos is not None else 0)
     if max_new_tokens is None:
         limit = max_positions(model)
         max_new_tokens = max(1, limit - enc["input_ids"].shape[1]) if limit is not None else 1024
@@ -139,7 +155,7 @@ def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_to
     device = next(model.parameters()).device
     mask = enc["attention_mask"].to(device)  # [B, T], grows by one column per step
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    rows = [_Row() for _ in prompts]
+    rows = [_Row(tokens=list(r), thinking=len(r)) for r in resume] if resume is not None else [_Row() for _ in prompts]
     active = list(range(len(prompts)))  # rows still decoding; a finished row leaves the batch and its cache
     cache = GrowingCache()
     torch.manual_seed(seed)
@@ -176,6 +192,14 @@ def budget_force_batch(model, tokenizer, prompts: Sequence[str], max_thinking_to
         "finished": r.phase == "done",
         "batch_prompts": len(prompts),
     }) for r in rows]
+
+
+def _append(enc: dict, tails: Sequence[Sequence[int]], pad: int) -> dict:
+    """`encode_left_padded`'s batch with each row's `tails[i]` appended, padded on the left again."""
+    rows = [ids[m.bool()].tolist() + list(t) for ids, m, t in zip(enc["input_ids"], enc["attention_mask"], tails)]
+    L = max(map(len, rows))
+    return {"input_ids": torch.tensor([[pad] * (L - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])}
 
 
 def _advance(r: _Row, c: int, c_no_d: int, d: int, eos: int, wait: list[int], prefix: list[int],

@@ -61,6 +61,13 @@ Implementation notes (checked against facebookresearch/deepconf: ``helper.py``,
   is the paper's sequential rule). `deepconf_online_batch` runs many prompts in
   lockstep, one trace per active prompt per round, which keeps the sequential rule
   per prompt while batching across prompts.
+- **Replay.** `deepconf_online_replay` runs the same loop on traces already sampled in
+  full, taking each prompt's in order and cutting each where the live run would have
+  (`cut_below`): a trace's prefix has the same distribution whether or not it will be
+  cut, so this is a draw of online DeepConf that costs no sampling and that is paired
+  with majority voting and offline DeepConf on the same traces. The live function stays
+  the method; the replay is how the experiment measures it (tested to cut where the
+  live run cuts).
 - Window and tail lengths default to the paper's 2048 tokens. Traces of a few dozen
   tokens need proportionally smaller ones; callers pass them (the experiment says
   which it uses).
@@ -373,50 +380,121 @@ def deepconf_online_batch(model, tokenizer, prompts: Sequence[str], budget: int 
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings")
-    if not 1 <= warmup <= budget:
-        raise ValueError(f"need 1 <= warmup <= budget, got warmup={warmup}, budget={budget}")
-    if not 0 < tau <= 1:
-        raise ValueError(f"the consensus threshold tau must be in (0, 1], not {tau}")
-    if parallel < 1:
-        raise ValueError(f"parallel must be at least 1, not {parallel}")
+    _check_online(warmup, budget, tau, parallel)
     _check_arguments(model, top_k, temperature, top_p, max_new_tokens, window, eta)
     P = len(prompts)
     with count_forward_passes(model) as passes:
         start = time.perf_counter()
         warm = sample(model, tokenizer, prompts, num_samples=warmup, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, top_k_logprobs=top_k, seed=seed)
-        traces = [_traces_from_samples(warm[p * warmup:(p + 1) * warmup], answer_of) for p in range(P)]
-        least = [[lowest_group_confidence(t.confidences, window) for t in ts] for ts in traces]
-        bars = [float(np.percentile(np.asarray(c, dtype=np.float64), 100 - eta)) for c in least]
+        rounds = iter(range(1, 1 << 62))
 
-        def vote(p: int) -> Vote:
-            # only traces that never fell below the bar vote, weighted by their lowest group confidence
-            voting = [i for i, c in enumerate(least[p]) if c >= bars[p] and not traces[p][i].stopped]
-            v = weighted_vote([traces[p][i].answer for i in voting], [least[p][i] for i in voting])
-            v.kept = [voting[j] for j in v.kept]
-            return v
+        def draw(rows: list[int], bars: list[float]) -> list[Trace]:
+            return sample_traces(model, tokenizer, [prompts[p] for p in rows], torch.tensor(bars), window, top_k,
+                                 temperature, top_p, max_new_tokens, seed=seed + next(rounds), answer_of=answer_of)
 
-        votes = [vote(p) for p in range(P)]
-        rounds = 0
-        while True:
-            active = [p for p in range(P) if len(traces[p]) < budget and votes[p].consensus < tau]
-            if not active:
-                break
-            rows = [p for p in active for _ in range(min(parallel, budget - len(traces[p])))]
-            new = sample_traces(model, tokenizer, [prompts[p] for p in rows],
-                                torch.tensor([bars[p] for p in rows]), window, top_k, temperature, top_p,
-                                max_new_tokens, seed=seed + 1 + rounds, answer_of=answer_of)
-            rounds += 1
-            for p, t in zip(rows, new):
-                traces[p].append(t)
-                least[p].append(lowest_group_confidence(t.confidences, window))
-            for p in active:
-                votes[p] = vote(p)
+        state = _online([_traces_from_samples(warm[p * warmup:(p + 1) * warmup], answer_of) for p in range(P)],
+                        draw, budget, eta, tau, window, parallel)
         wall = time.perf_counter() - start
+    return _online_generations(*state, warmup, eta, tau, passes.count, wall)
+
+
+def cut_below(trace: Trace, bar: float, window: int, eos_token_id: int) -> Trace:
+    """The trace online DeepConf would have written under `bar`: cut at the first full window whose mean is below it.
+
+    The token at the end of that window becomes EOS, as `ConfidenceEarlyStop` forces it; a
+    trace with no such window (or shorter than one) is returned unchanged. A cut trace has
+    no answer: it never votes.
+    """
+    C = trace.confidences
+    if C.numel() < window:
+        return trace
+    below = (group_confidences(C, window) < bar).nonzero()
+    if len(below) == 0:
+        return trace
+    i = int(below[0]) + window - 1
+    return Trace(trace.tokens[:i] + [eos_token_id], "", C[: i + 1].clone(), None, stopped=True)
+
+
+def deepconf_online_replay(pools: Sequence[Sequence[Trace]], eos_token_id: int, budget: int = 512,
+                           warmup: int = PAPER_WARMUP, eta: float = 10, tau: float = PAPER_CONSENSUS,
+                           window: int = PAPER_WINDOW, parallel: int = 1) -> list[Generation]:
+    """Online DeepConf replayed on full traces already sampled: `pools[p]` holds prompt p's, in sampling order.
+
+    The same algorithm as `deepconf_online_batch`, with draws taken in order from each
+    pool and cut by `cut_below`: a trace's prefix is distributed the same whether or not
+    it will be cut, so this is a draw of online DeepConf, at no sampling cost, on the
+    very traces that majority voting and offline DeepConf use. Each pool needs `budget`
+    traces sampled in full (no cap below the budget of new tokens the live run would use).
+    """
+    if len(pools) == 0:
+        raise ValueError("pools must hold one list of traces per prompt")
+    _check_online(warmup, budget, tau, parallel)
+    if any(len(pool) < budget for pool in pools):
+        raise ValueError(f"every pool needs at least budget={budget} traces; the smallest has "
+                         f"{min(map(len, pools))}")
+    if window < 1 or not 0 < eta <= 100:
+        raise ValueError(f"need window >= 1 and eta in (0, 100], got {window} and {eta}")
+    start = time.perf_counter()
+    taken = [warmup] * len(pools)
+
+    def draw(rows: list[int], bars: list[float]) -> list[Trace]:
+        out = []
+        for p, bar in zip(rows, bars):
+            out.append(cut_below(pools[p][taken[p]], bar, window, eos_token_id))
+            taken[p] += 1
+        return out
+
+    state = _online([list(pool[:warmup]) for pool in pools], draw, budget, eta, tau, window, parallel)
+    return _online_generations(*state, warmup, eta, tau, 0, time.perf_counter() - start)
+
+
+def _check_online(warmup: int, budget: int, tau: float, parallel: int) -> None:
+    if not 1 <= warmup <= budget:
+        raise ValueError(f"need 1 <= warmup <= budget, got warmup={warmup}, budget={budget}")
+    if not 0 < tau <= 1:
+        raise ValueError(f"the consensus threshold tau must be in (0, 1], not {tau}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, not {parallel}")
+
+
+def _online(traces: list[list[Trace]], draw: Callable[[list[int], list[float]], list[Trace]], budget: int,
+            eta: float, tau: float, window: int, parallel: int):
+    """Algorithm 2 after the warm-up `traces` (one list per prompt, extended in place); `draw(rows, bars)` samples.
+
+    Returns (traces, lowest group confidences, bars, votes), each one per prompt.
+    """
+    P = len(traces)
+    least = [[lowest_group_confidence(t.confidences, window) for t in ts] for ts in traces]
+    bars = [float(np.percentile(np.asarray(c, dtype=np.float64), 100 - eta)) for c in least]
+
+    def vote(p: int) -> Vote:
+        # only traces that never fell below the bar vote, weighted by their lowest group confidence
+        voting = [i for i, c in enumerate(least[p]) if c >= bars[p] and not traces[p][i].stopped]
+        v = weighted_vote([traces[p][i].answer for i in voting], [least[p][i] for i in voting])
+        v.kept = [voting[j] for j in v.kept]
+        return v
+
+    votes = [vote(p) for p in range(P)]
+    while True:
+        active = [p for p in range(P) if len(traces[p]) < budget and votes[p].consensus < tau]
+        if not active:
+            break
+        rows = [p for p in active for _ in range(min(parallel, budget - len(traces[p])))]
+        for p, t in zip(rows, draw(rows, [bars[p] for p in rows])):
+            traces[p].append(t)
+            least[p].append(lowest_group_confidence(t.confidences, window))
+        for p in active:
+            votes[p] = vote(p)
+    return traces, least, bars, votes
+
+
+def _online_generations(traces, least, bars, votes, warmup: int, eta: float, tau: float, passes: int,
+                        wall: float) -> list[Generation]:
     out = []
-    for p in range(P):
+    for p in range(len(traces)):
         online = traces[p][warmup:]
-        out.append(_generation(traces[p], votes[p], dict(enumerate(least[p])), passes.count, wall, {
+        out.append(_generation(traces[p], votes[p], dict(enumerate(least[p])), passes, wall, {
             "mode": "online", "eta": eta, "tau": tau, "threshold": bars[p],
             "tokens_spent": sum(t.num_tokens for t in traces[p]),
             "warmup_tokens": sum(t.num_tokens for t in traces[p][:warmup]),
@@ -425,7 +503,7 @@ def deepconf_online_batch(model, tokenizer, prompts: Sequence[str], budget: int 
             "stopped_early": sum(t.stopped for t in online),
             "discarded": sum(t.stopped or c < bars[p] for t, c in zip(traces[p], least[p])),
             "consensus_reached": votes[p].consensus >= tau,
-            "batch_prompts": P,
+            "batch_prompts": len(traces),
             # per trace, in sampling order (warm-up first): cut off, lowest group confidence, voted
             "trace_stopped": [t.stopped for t in traces[p]],
             "trace_confidence": list(least[p]),

@@ -35,11 +35,15 @@ and its ARM trainer's ``arm_loss``, ``-logsigmoid(beta * (chosen_logps - rejecte
 with summed log-probabilities, a target margin $\gamma = 0$ and no length normalisation
 by default):
 
-- Guided decoding runs inside transformers' `generate` through `GenARMLogitsProcessor`,
-  which runs the ARM alongside the base with its own KV cache (one ARM forward call per
-  generated token, the first over the whole prompt). The processor receives the base's raw
-  next-token logits and returns $\log\mathrm{softmax}(\log\pi_{base} + \alpha\log\pi_r)$; the
-  sampler's softmax (temperature 1, no top-k/top-p) then samples exactly $\tilde\pi$.
+- `genarm_generate` runs the ARM in step with the base, each with its own KV cache (one
+  ARM forward call per generated token, the first over the whole prompt), in paperzoo's
+  sampler (`core.sampling.sample(..., guide=arm)`): each step samples from
+  $\log\mathrm{softmax}(\log\pi_{base} + \alpha\log\pi_r)$ at temperature 1 (no top-k/top-p),
+  that is exactly $\tilde\pi$, and a row that has written EOS leaves the batch and both
+  caches. (Until issue 9 it ran inside transformers' `generate`, where a batch costs its
+  longest sample: on reasoner v3, with 16-30% of samples at the 640-token cap, GenARM took
+  2,859 s a seed.) `GenARMLogitsProcessor` does the same inside `generate`, for users who
+  decode that way: it receives the base's raw next-token logits and returns log pi~.
 - The ARM must share the base's tokenizer (the paper's ARMs are from the same family).
 - Equation numbers are not quoted: we could not check them against the paper's text here.
 - ``genarm_loss`` is the mean over the batch; the official optional margin $\gamma$ is left out.
@@ -71,10 +75,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, get_cosine_schedule_with_warmup
+from transformers import LogitsProcessor, get_cosine_schedule_with_warmup
 
-from paperzoo.core.sampling import GrowingCache, check_positions, encode_left_padded
-from paperzoo.decoding import Generation, count_forward_passes, cut_at_eos, prompt_ids
+from paperzoo.core.sampling import GrowingCache, check_positions, encode_left_padded, sample
+from paperzoo.decoding import Generation, count_forward_passes, prompt_ids
 
 # The official ARM recipe (Yuancheng-Xu/GenARM, training_trl/): LoRA and optimiser settings, beta for HH-RLHF.
 PAPER_LORA_RANK, PAPER_LORA_ALPHA, PAPER_LORA_DROPOUT = 8, 16.0, 0.05
@@ -279,8 +283,10 @@ def genarm_generate(base, arm, tokenizer, prompts: Sequence[str], alpha: float =
                     seed: int = 0, batch_size: int = 64) -> list[Generation]:
     """One GenARM sample per prompt (repeat a prompt for several); forward calls of both models in stats.
 
-    `arm` is a causal LM or a peft model around one (as `lora_arm` returns). `forward_passes`
-    and `wall_seconds` of each Generation are those of the batch it was drawn in.
+    `arm` is a causal LM or a peft model around one (as `lora_arm` returns). Both decode in
+    step through `core.sampling.sample(..., guide=arm)`, where a finished row leaves the
+    batch and both caches; `forward_passes` and `wall_seconds` of each Generation are those
+    of the whole call.
     """
     if alpha < 0:
         raise ValueError(f"alpha = beta_r / beta must be non-negative, not {alpha}")
@@ -295,25 +301,14 @@ def genarm_generate(base, arm, tokenizer, prompts: Sequence[str], alpha: float =
     longest = encode_left_padded(tokenizer, prompts)["input_ids"].shape[1]
     check_positions(base, longest, max_new_tokens, what="base model")
     check_positions(arm, longest, max_new_tokens, what="reward model")
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    out: list[Generation] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = list(prompts[s:s + batch_size])
-        enc = encode_left_padded(tokenizer, chunk)
-        processor = GenARMLogitsProcessor(arm, alpha, enc["attention_mask"])
-        with count_forward_passes(base) as base_calls, count_forward_passes(arm) as arm_calls:
-            start = time.perf_counter()
-            seq = base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
-                                top_p=1.0, eos_token_id=eos, pad_token_id=eos,
-                                logits_processor=LogitsProcessorList([processor]))
-            wall = time.perf_counter() - start
-        for row in seq[:, enc["input_ids"].shape[1]:].tolist():
-            tokens = cut_at_eos(row, eos)
-            out.append(Generation(tokens, tokenizer.decode(tokens), base_calls.count, wall,
-                                  {"alpha": alpha, "base_forward_passes": base_calls.count,
-                                   "arm_forward_passes": arm_calls.count, "batch": len(chunk)}))
-    return out
+    with count_forward_passes(base) as base_calls, count_forward_passes(arm) as arm_calls:
+        start = time.perf_counter()
+        drawn = sample(base, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                       batch_size=batch_size, guide=arm, combine=lambda b, a: guided_logprobs(b, a, alpha))
+        wall = time.perf_counter() - start
+    return [Generation(x.tokens, x.text, base_calls.count, wall,
+                       {"alpha": alpha, "base_forward_passes": base_calls.count, "arm_forward_passes": arm_calls.count,
+                        "prompts": len(prompts)}) for x in drawn]
 
 
 def genarm_decode(base, arm, tokenizer, prompt: str, alpha: float = 1.0, max_new_tokens: int = 64,

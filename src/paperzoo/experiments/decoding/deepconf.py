@@ -4,7 +4,11 @@ On the cached small reasoner and held-out problems, sample B traces per question
 compare, at the same number of traces, plain majority voting with offline DeepConf
 (top 10% / 90% of the traces by confidence, confidence-weighted vote) on the very
 same traces; then run online DeepConf (warm-up, confidence bar, early stop, consensus
-stop) with the same budget B and count the tokens it really generates.
+stop) with the same budget B and count the tokens it would generate. Online DeepConf is
+replayed on the same pool (`deepconf_online_replay`): each problem's traces are taken
+in sampling order, the first four as warm-up, and each later one is cut where the live
+run would cut it (tested against the live run), so all three methods are compared on the
+same traces, paired by problem.
 
 Scaled-down settings, fixed before running: B = 64 traces instead of 512 (the
 official online script uses 256), 4 warm-up traces: the official script's share of
@@ -14,10 +18,21 @@ sixth of a trace; the v2 reasoner's traces on these tiers ran to ~170 tokens on
 average (one column-work line is 30-60), so 32 tokens is a similar fraction and under
 one line. The v3 reasoner's samples at temperature 1 run to ~240 tokens over its four
 tiers (124 on the easiest, 385 on the hardest, where 30% of samples reach the 640 cap;
-256 samples measured at commit 3fc690d), and the window was kept. Sampling at temperature 1 (the model's own distribution; the paper's
-GPT-OSS setting). Online traces are drawn four at a time per problem (consensus is
-tested after each draw of four rather than after every trace) to batch the CPU work;
-the official script draws all of them at once and has no consensus stop at all.
+256 samples measured at commit 3fc690d), and the window was kept. Sampling at temperature 1
+(the model's own distribution; the paper's GPT-OSS setting). Online traces are taken four
+at a time per problem (consensus is tested after each draw of four rather than after
+every trace), as the live runs drew them to batch the CPU work; the official script draws
+all of them at once and has no consensus stop at all.
+
+Why a replay (issue 9, speed; decided before any run on reasoner v4). Until then the two
+online arms sampled their own traces live, through `generate`, where a batch costs its
+longest trace: in the shipped v3 records they took 600-1,160 s of the 880-1,410 s a
+seed ran (DeepConf-high 570-1,040 s, as it cuts few traces), and the pool of 40 x 64
+traces, through the sampler that drops finished rows, most of the rest. A trace's prefix has
+the same distribution whether or not it will be cut, so the replay is a draw of the same
+algorithm; it also pairs the online arms with majority voting on the same traces, which
+narrows every interval. The live method (`deepconf_online_batch`) is unchanged and
+still tested.
 
 Set-up hyper-parameters: B, the warm-up share, k and tau are the paper's or its
 official code's (B scaled down for CPU time); the window follows the trace length;
@@ -70,7 +85,7 @@ from paperzoo.core.sampling import sample
 from paperzoo.decoding.deepconf import (
     METRICS,
     Trace,
-    deepconf_online_batch,
+    deepconf_online_replay,
     deepconf_vote,
     lowest_group_confidence,
     majority_vote,
@@ -145,8 +160,8 @@ CLAIM = Claim(
 # What a user may swap in (--model / --corpus), and the shared cached models this runs on.
 INPUTS = ()
 SUBSTRATE = ('reasoner',)
-SEED_VARIES = ("which held-out problems are drawn and the random streams of every sampled trace (the pool and "
-               "both online runs); the reasoner is the cached one")
+SEED_VARIES = ("which held-out problems are drawn and the random stream of the pool of traces (which the online "
+               "arms replay); the reasoner is the cached one")
 
 SCALES = {
     "smoke": {"reasoner": "smoke", "problems": 4, "traces": 16, "warmup": 1, "window": 4, "tail": 4, "top_k": 20,
@@ -219,9 +234,8 @@ def run(ctx: RunContext) -> Outcome:
 
     online, online_correct, online_tokens = {}, {}, {}
     for name, eta in ETAS.items():
-        gens = deepconf_online_batch(model, tok, prompts, budget=B, warmup=s["warmup"], eta=eta, tau=s["tau"],
-                                     window=W, top_k=s["top_k"], temperature=s["temperature"],
-                                     max_new_tokens=s["max_new_tokens"], seed=ctx.seed + 1, parallel=s["parallel"])
+        gens = deepconf_online_replay(traces, tok.eos_token_id, budget=B, warmup=s["warmup"], eta=eta, tau=s["tau"],
+                                      window=W, parallel=s["parallel"])
         online_correct[name] = correct([g.stats["answer"] for g in gens])
         online_tokens[name] = [float(g.stats["tokens_spent"]) for g in gens]
         spent = float(np.mean(online_tokens[name]))
@@ -233,8 +247,6 @@ def run(ctx: RunContext) -> Outcome:
             "stopped_early_share": float(np.sum([g.stats["stopped_early"] for g in gens])
                                          / max(1, np.sum([g.stats["online_traces"] for g in gens]))),
             "consensus_share": float(np.mean([g.stats["consensus_reached"] for g in gens])),
-            "forward_passes": gens[0].forward_passes,
-            "wall_seconds": gens[0].wall_seconds,
         }
 
     # the tokens majority voting needs to match online DeepConf-low's accuracy (None: it never does)

@@ -254,8 +254,8 @@ def run(ctx: RunContext) -> Outcome:
     g_right = [is_correct(qs[i // K], g.text) for i, g in enumerate(guided)]
     c_right = [is_correct(qs[i // K], g.text) for i, g in enumerate(control)]
     b_right = pool_right[:, :K].reshape(-1).tolist()  # the first K base samples, paired with GenARM's
-    firsts = guided[::64]  # genarm_generate's batches of 64: each Generation carries its batch's cost
-    genarm_wall = sum(g.wall_seconds for g in firsts)
+    firsts = guided[:1]  # each Generation carries the whole call's cost
+    genarm_wall = guided[0].wall_seconds
     genarm_tokens = float(np.mean([g.num_tokens for g in guided]))
 
     # best-of-N for N = 1, 2, 4, ...: the first N pool samples, the highest sequence reward wins

@@ -40,6 +40,12 @@ the grid if none does. Mind Evolution and sequential revision are never run in t
 grid starts at 6 evaluations, the least that gives Mind Evolution a refinement turn after its
 first 4 conversations from scratch (below that it *is* best-of-N).
 
+How the searches run (issue 9, speed; decided before any run on reasoner v4). All 3 x 64
+searches, and the 32 calibration runs, go in lockstep (`Lockstep`): each in its own thread,
+and every round one `sample` call serves every search that waits for solutions. The methods
+are unchanged; only which random stream a sample comes from is (until then each search
+sampled alone, 4-12 rows a call, 564-671 s a seed on reasoner v3).
+
 Preconditions (any not met: verdict inconclusive): at the chosen budget, best-of-N is off its
 ceiling on the evaluation problems (its bootstrap interval lies below 90%, so a 10-point gap can
 exist at all); and the reasoner can solve these equations (best-of-N at the largest budget
@@ -74,6 +80,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +128,7 @@ def _left_side(question: str):
 
 def _attempts(lines: list[str], step: Step) -> list[tuple[str, int]]:
     """Every attempt at `step` in the lines, as (the work, its claimed result), a re-check's redone step included."""
-    pattern = re.compile(rf"(?:^|\. )({re.escape(step.expression)}: .* so (-?\d+))$")
+    pattern = re.compile(rf"^(?:Wait, )?({re.escape(step.expression)}: .*? so (-?\d+))(?:, (?:right|not -?\d+)\.)?$")
     return [(m[1], int(m[2])) for line in lines if (m := pattern.search(line.strip()))]
 
 
@@ -169,27 +176,84 @@ def render_linear(problem: Problem, candidates: list[Candidate]) -> str:
     return problem.prompt + "".join(f"{line}\n" for line in verified)
 
 
-class ReasonerProposer:
-    """The LM as the sampler: continues a rendered prompt; the solution is prefix + continuation."""
+def _one(propose_batch):
+    """`propose(prompt, n)` through a `propose_batch`."""
+    return lambda prompt, n: propose_batch([prompt] * n)
 
-    def __init__(self, model, tokenizer, problem: Problem, temperature: float, max_new_tokens: int, seed: int):
-        self.model, self.tokenizer, self.problem = model, tokenizer, problem
-        self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
-        self.calls = 0
 
-    def _solutions(self, prompts: list[str], n: int) -> list[str]:
-        self.calls += 1  # a fresh seed per call, else equal prompts would give equal samples
-        out = sample(self.model, self.tokenizer, prompts, num_samples=n, max_new_tokens=self.max_new_tokens,
-                     temperature=self.temperature, seed=self.seed * 100_003 + self.calls)
+class Lockstep:
+    """The LM as the sampler for many searches at once: one thread per search, one `sample` call a round.
+
+    `run(searches, prompts)` starts search j in its own thread with a `propose_batch` that
+    continues each rendered prompt once (the solution is the rendered text after the
+    problem's prompt `prompts[j]`, plus the continuation). A call blocks until every search
+    still running is waiting for solutions or done; then one `sample` call, seeded by the
+    round, serves every waiting request in search order. What a round holds depends only on
+    the searches, never on thread timing, so a run is reproducible; the searches run
+    nothing but Python between rounds, so the model is only ever called here. (One search
+    at a time, as until issue 9, sampled 4-12 rows a call and left the CPU idle on
+    overhead: 564-671 s a seed on reasoner v3.)
+    """
+
+    def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, seed: int, batch_size: int = 128):
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.max_new_tokens, self.seed, self.batch_size = temperature, max_new_tokens, seed, batch_size
+        self.rounds = 0
+
+    def _sample(self, rendered: list[str], prefixes: list[str]) -> list[str]:
+        self.rounds += 1
+        out = sample(self.model, self.tokenizer, rendered, max_new_tokens=self.max_new_tokens,
+                     temperature=self.temperature, seed=self.seed * 100_003 + self.rounds, batch_size=self.batch_size)
         eos = self.tokenizer.eos_token
-        return [prompts[s.prompt_index][len(self.problem.prompt):] + s.text.replace(eos, "") for s in out]
+        return [rendered[x.prompt_index][len(prefix):] + x.text.replace(eos, "") for x, prefix in zip(out, prefixes)]
 
-    def propose(self, prompt: str, n: int) -> list[str]:
-        return self._solutions([prompt], n)
+    def run(self, searches: list, prompts: list[str]) -> list:
+        """Each `searches[j](propose_batch)`'s result, in order; the first error any search raised is raised."""
+        n = len(searches)
+        cond = threading.Condition()
+        waiting: dict[int, list[str]] = {}
+        served: dict[int, list[str]] = {}
+        done, results, errors = [False] * n, [None] * n, {}
 
-    def propose_batch(self, prompts: list[str]) -> list[str]:
-        return self._solutions(prompts, 1)
+        def proposer(j: int):
+            def propose_batch(rendered: list[str]) -> list[str]:
+                with cond:
+                    waiting[j] = list(rendered)
+                    cond.notify_all()
+                    cond.wait_for(lambda: j in served)
+                    return served.pop(j)
+            return propose_batch
 
+        def worker(j: int) -> None:
+            try:
+                results[j] = searches[j](proposer(j))
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller below
+                errors[j] = e
+            finally:
+                with cond:
+                    done[j] = True
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(j,), daemon=True) for j in range(n)]
+        for t in threads:
+            t.start()
+        with cond:
+            while True:
+                cond.wait_for(lambda: all(done[j] or j in waiting for j in range(n)))
+                if not waiting:
+                    break
+                order = sorted(waiting)
+                rendered = [r for j in order for r in waiting[j]]
+                texts = self._sample(rendered, [prompts[j] for j in order for _ in waiting[j]])
+                for j in order:
+                    served[j], texts = texts[:len(waiting[j])], texts[len(waiting[j]):]
+                waiting.clear()
+                cond.notify_all()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[min(errors)]
+        return results
 
 
 OFF_CEILING = 0.90  # best-of-N must leave room for the 10-point gap
@@ -288,40 +352,35 @@ def run(ctx: RunContext) -> Outcome:
     qs, cal_qs = drawn[: s["problems"]], drawn[s["problems"]:]
     config = MindEvolutionConfig(**s["config"])
 
-    def proposer(q: Problem, offset: int) -> ReasonerProposer:
-        return ReasonerProposer(model, tok, q, s["temperature"], s["max_new_tokens"], ctx.seed + offset)
+    lockstep = Lockstep(model, tok, s["temperature"], s["max_new_tokens"], ctx.seed)
 
     # 1. The budget, from best-of-N's curve on the calibration problems only.
     B_max = max(s["budget_grid"])
-    cal_first = []
-    for j, q in enumerate(cal_qs):
-        p = proposer(q, 104_729 + 7919 * j)
-        g = best_of_n(q, p.propose, _evaluator(q), render_linear, B_max, propose_batch=p.propose_batch)
-        cal_first.append(g.stats["first_solved_at"])
+    cal = lockstep.run([lambda pb, q=q: best_of_n(q, _one(pb), _evaluator(q), render_linear, B_max, propose_batch=pb)
+                        for q in cal_qs], [q.prompt for q in cal_qs])
+    cal_first = [g.stats["first_solved_at"] for g in cal]
     cal_curve = [float(np.mean([f is not None and f <= k for f in cal_first])) for k in range(1, B_max + 1)]
     B = choose_budget(cal_curve, s["budget_grid"], s["baseline_ceiling"])
 
-    # 2. The three searches at that budget on the evaluation problems.
+    # 2. The three searches at that budget on the evaluation problems, all of them in lockstep.
     greedy = sample(model, tok, [q.prompt for q in qs], temperature=0, max_new_tokens=s["max_new_tokens"])
-    rows = []
-    for i, q in enumerate(qs):
-        evaluate = _evaluator(q)
-        p0, p1, p2 = proposer(q, 7919 * i), proposer(q, 7919 * i + 1), proposer(q, 7919 * i + 2)
-        gens = {
-            "best-of-n": best_of_n(q, p0.propose, evaluate, render_linear, B, propose_batch=p0.propose_batch,
-                                   model=model),
-            "sequential-revision": sequential_revision(q, p1.propose, evaluate, render_linear, B, threads=s["threads"],
-                                                       propose_batch=p1.propose_batch, model=model),
-            "mind-evolution": mind_evolution(q, p2.propose, evaluate, render_linear, config, max_evaluations=B,
-                                             seed=ctx.seed + i, propose_batch=p2.propose_batch, model=model),
-        }
-        for name, g in gens.items():
-            if g.stats["evaluations"] > B:
-                raise ExperimentError(f"{name} spent {g.stats['evaluations']} evaluations, over the budget {B}")
-        rows.append({name: {"solved": g.stats["solved"], "evaluations": g.stats["evaluations"],
-                            "first_solved_at": g.stats["first_solved_at"], "forward_passes": g.forward_passes,
-                            "generations": g.stats.get("generations"), "best": g.text, "feedback": g.stats["feedback"]}
-                     for name, g in gens.items()})
+    search = {
+        "best-of-n": lambda q, i, pb: best_of_n(q, _one(pb), _evaluator(q), render_linear, B, propose_batch=pb),
+        "sequential-revision": lambda q, i, pb: sequential_revision(q, _one(pb), _evaluator(q), render_linear, B,
+                                                                    threads=s["threads"], propose_batch=pb),
+        "mind-evolution": lambda q, i, pb: mind_evolution(q, _one(pb), _evaluator(q), render_linear, config,
+                                                          max_evaluations=B, seed=ctx.seed + i, propose_batch=pb),
+    }
+    jobs = [(name, i, q) for i, q in enumerate(qs) for name in METHODS]
+    done = lockstep.run([lambda pb, name=name, i=i, q=q: search[name](q, i, pb) for name, i, q in jobs],
+                        [q.prompt for _, _, q in jobs])
+    rows = [{} for _ in qs]
+    for (name, i, _), g in zip(jobs, done):
+        if g.stats["evaluations"] > B:
+            raise ExperimentError(f"{name} spent {g.stats['evaluations']} evaluations, over the budget {B}")
+        rows[i][name] = {"solved": g.stats["solved"], "evaluations": g.stats["evaluations"],
+                         "first_solved_at": g.stats["first_solved_at"], "llm_calls": g.stats["llm_calls"],
+                         "generations": g.stats.get("generations"), "best": g.text, "feedback": g.stats["feedback"]}
 
     def solved_within(name: str, k: int) -> float:
         return float(np.mean([row[name]["first_solved_at"] is not None and row[name]["first_solved_at"] <= k
@@ -342,7 +401,8 @@ def run(ctx: RunContext) -> Outcome:
         "success": {name: float(np.mean([row[name]["solved"] for row in rows])) for name in METHODS},
         "solved_per_problem": {name: [float(row[name]["solved"]) for row in rows] for name in METHODS},
         "mean_evaluations": {name: float(np.mean([row[name]["evaluations"] for row in rows])) for name in METHODS},
-        "mean_forward_passes": {name: float(np.mean([row[name]["forward_passes"] for row in rows])) for name in METHODS},
+        "mean_llm_calls": {name: float(np.mean([row[name]["llm_calls"] for row in rows])) for name in METHODS},
+        "sampling_rounds": lockstep.rounds,
         "mind_evolution_mean_generations": float(np.mean([row["mind-evolution"]["generations"] for row in rows])),
         "solved_within": {name: [solved_within(name, k) for k in range(1, B + 1)] for name in METHODS},
         "examples": [{"question": q.question, **{n: {"best": row[n]["best"], "feedback": row[n]["feedback"]}

@@ -10,6 +10,9 @@
    linear equations): tokens, accuracy, rounds,
    outcome efficiency and process efficiency (a round is distinct if its scratchpad
    was not written before in the response; correct if its last result is the answer).
+   A round starts at a line ``Wait, check:``, the overthinking traces' preamble. (Until
+   reasoner v4 the marker was ``Wait`` alone; v4's own one-step re-checks,
+   ``Wait, 37+48: ... so 85, right.``, also start with it and are not solution rounds.)
 3. The paper's fix (§3): sample `samples_per_problem` = 10 responses per training
    problem from the overthinking model at temperature 1, discard those with a wrong
    answer, and make one pair per problem: the shortest FCS + Reflection response
@@ -97,7 +100,7 @@ from paperzoo.decoding.overthinking_efficiency import (
     split_rounds,
 )
 
-MARKER = "Wait"
+MARKER = "Wait, check:"  # opens a solution round; the reasoner's own one-step re-checks ("Wait, 37+48: ...") stay in their round
 KEEP = 0.75  # "most" of an accuracy: the share a fine-tuned model must keep
 _LAST_RESULT = re.compile(r"(?:=|\bso)\s*(-?\d+)\s*$")  # a work line ends "so 85"
 
@@ -105,7 +108,7 @@ _LAST_RESULT = re.compile(r"(?:=|\bso)\s*(-?\d+)\s*$")  # a work line ends "so 8
 def overthinking_text(q, rounds: int) -> str:
     """A training trace: the scratchpad, then `rounds` verbatim re-verifications, then the answer."""
     pad = "".join(f"{line}\n" for line in q.steps)
-    return q.prompt + pad + f"{MARKER}, check:\n{pad}" * rounds + f"{END_THINK}{ANSWER} {q.answer}"
+    return q.prompt + pad + f"{MARKER}\n{pad}" * rounds + f"{END_THINK}{ANSWER} {q.answer}"
 
 
 def round_is_correct(q, text: str) -> bool:
@@ -116,7 +119,7 @@ def round_is_correct(q, text: str) -> bool:
 def scratchpad_key(text: str) -> str:
     """What a round computes, without its 'Wait, check:' preamble: equal keys are the same solution."""
     body = text.split(END_THINK)[0]
-    return body.replace(f"{MARKER}, check:", "").strip()
+    return body.replace(MARKER, "").strip()
 
 
 
