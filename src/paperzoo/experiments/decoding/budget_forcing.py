@@ -36,6 +36,15 @@ a forced "Wait" is read as "the last step was wrong" and the model rewrites a ri
 v4, whose re-checks also confirm right steps, before any run on it; it was not applied to
 the v3 records above.
 
+On reasoner v4 (sweep at commit 8ebb5fa, three seeds): (1) and (4) hold in every seed (81-83%
+of extended traces re-check; one "Wait" leaves accuracy at 0.56-0.62 from 0.83); (2) fails in
+seeds 0 and 1 (0 of 13 and 0 of 16 recomputed wrong steps come out right) and holds in seed 2
+(10 of 19). Capping scales accuracy in every seed, and extensions lower it in every seed (four:
+0.32-0.37), so seed 2 is not reproduced and the aggregate inconclusive. After a forced "Wait"
+v4 mostly redoes its last step right and then writes the correction form, ``not <the same
+number>``, rarely the confirming ``right``; with four extensions 45-48% of runs reach the
+512-token cap.
+
 Margins. Scaling (the paper's mean pairwise slope of accuracy against mean thinking
 tokens) is linear in the accuracies once the thinking-token coordinates are fixed
 (`scaling_weights`), so it splits into one term per problem; a Scaling check passes

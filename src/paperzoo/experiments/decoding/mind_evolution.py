@@ -40,6 +40,13 @@ the grid if none does. Mind Evolution and sequential revision are never run in t
 grid starts at 6 evaluations, the least that gives Mind Evolution a refinement turn after its
 first 4 conversations from scratch (below that it *is* best-of-N).
 
+On reasoner v4 (sweep at commit 8ebb5fa, three seeds) best-of-N solves 69-75% of the calibration
+equations within 6 evaluations, so no budget of the grid is at or under 60% and the rule falls to
+6, where Mind Evolution does not finish its first generation: the run compares one partial
+generation with best-of-N (Mind Evolution 66-70%, best-of-N 59-73%, sequential revision 61-75%;
+check (1) fails in seeds 0 and 2 and is undecided in seed 1). A ladder whose top tier leaves
+best-of-N further from its ceiling would let the rule choose a budget with several generations.
+
 How the searches run (issue 9, speed; decided before any run on reasoner v4). All 3 x 64
 searches, and the 32 calibration runs, go in lockstep (`Lockstep`): each in its own thread,
 and every round one `sample` call serves every search that waits for solutions. The methods
