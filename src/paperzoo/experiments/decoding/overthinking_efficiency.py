@@ -4,10 +4,11 @@
    briefly on traces that, after the answer-producing scratchpad, repeat it in
    `verification_rounds` "Wait, check:" rounds before ``</think>`` (the paper's
    o1-like model, QwQ-32B-Preview, writes 2-4 solution rounds on most problems).
-2. Measure it greedily on held-out easy problems (the ladder's two easiest tiers, one
-   or two additions and subtractions, ``37+48-19``: the paper finds overthinking worst
-   on easy problems, ASDIV and GSM8K; until issue 10 these were the version-1 reasoner's
-   linear equations): tokens, accuracy, rounds,
+2. Measure it greedily on held-out easy problems (the ladder's easiest tier, two
+   additions and subtractions of two-digit numbers, ``37+48-19``: the paper finds
+   overthinking worst on easy problems, ASDIV and GSM8K; until issue 10 these were the
+   version-1 reasoner's linear equations; until the sweep on reasoner v5 the two easiest
+   tiers, see below): tokens, accuracy, rounds,
    outcome efficiency and process efficiency (a round is distinct if its scratchpad
    was not written before in the response; correct if its last result is the answer).
    A round starts at a line ``Wait, check:``, the overthinking traces' preamble. (Until
@@ -44,6 +45,20 @@ How the set-up's hyper-parameters were chosen (from the control only):
   rounds on average where it was trained on 4) and keeps 0.50-0.60 accuracy against the
   base's 0.98-0.99 (shipped three-seed run). The fine-tune that induces overthinking does
   not learn where to stop; that recipe is the next thing to change.
+- Why that fine-tune broke the reasoner, and the fix (after the sweeps on reasoner v4 and v5,
+  where the overthinking model answered nothing right, 0.00 against the base's 0.85-0.99, in
+  every seed). The shared reasoner trains on 256-token blocks, so it has never attended
+  across more than 255 tokens, and four rounds of a tier-0 or tier-1 problem take 300-580
+  tokens. The overthinking fine-tune, also on 256-token blocks, taught it to repeat, but past
+  about 256 tokens its greedy text turned to digit soup and ran to the budget. Probed on the
+  precondition alone (the 48 calibration problems of seed 0, never the test problems, SimPO
+  or its checks), with reasoner v5: on tier 0 with three rounds (at most 266 tokens) it kept
+  accuracy 1.00 (base 0.979); with four rounds, 0.00 on 256-token blocks and 0.979 on
+  512-token blocks (8 x 512, the same tokens per step); tiers 0 and 1 with four rounds on
+  1024-token blocks kept only 0.52 (a tier-1 trace is up to 583 tokens). So the problems are
+  the easiest tier alone and the fine-tune runs on 512-token blocks: four rounds, as before,
+  which leaves FCS + Reflection (two rounds) room to cut about half the tokens, the paper's
+  45-49%.
 
 Preconditions (any not met: verdict inconclusive):
 
@@ -168,7 +183,7 @@ CLAIM = Claim(
     ),
     predicate=(
         "Small reasoner made to overthink (fine-tuned on traces with redundant verification rounds), held-out easy "
-        "problems (one or two additions and subtractions), greedy decoding; pairs as the paper builds them (10 samples per problem, the shortest FCS + "
+        "problems (two additions and subtractions of two-digit numbers), greedy decoding; pairs as the paper builds them (10 samples per problem, the shortest FCS + "
         "Reflection response against the longest); the SimPO rate chosen on a no-length-preference control. After "
         "FCS+Reflection SimPO: (1) mean generated tokens fall by >= 30% (a conservative fraction of the paper's "
         "45-49% on math sets) with the paired bootstrap interval above zero; (2) accuracy drops by at most 3 "
@@ -197,10 +212,10 @@ SCALES = {
               "lr_grid": [1e-4, 1e-5], "beta": 2.0, "gamma": 1.0, "test_problems": 4, "calibration_problems": 4,
               "min_pairs": 2, "max_new_tokens": 48, "tiers": [0, 1]},
     "small": {"reasoner": "small", "verification_rounds": 3, "overthink_texts": 4000,
-              "overthink_train": {"steps": 150, "batch_size": 16, "seq_len": 256, "lr": 1e-3, "warmup_steps": 10},
+              "overthink_train": {"steps": 150, "batch_size": 8, "seq_len": 512, "lr": 1e-3, "warmup_steps": 10},
               "pair_problems": 128, "samples_per_problem": 10, "simpo_steps": 40, "simpo_batch": 8,
               "lr_grid": [1e-4, 3e-5, 1e-5], "beta": 2.0, "gamma": 1.0, "test_problems": 96,
-              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 640, "tiers": [0, 1]},
+              "calibration_problems": 48, "min_pairs": 32, "max_new_tokens": 640, "tiers": [0]},
 }
 
 
