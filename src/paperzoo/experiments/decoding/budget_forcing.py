@@ -45,6 +45,11 @@ v4 mostly redoes its last step right and then writes the correction form, ``not 
 number>``, rarely the confirming ``right``; with four extensions 45-48% of runs reach the
 512-token cap.
 
+On reasoner v5 (sweep at commit 7d57638, three seeds): (2) fails in every seed (0 of 20, 0 of 39
+and 4 of 55 recomputed wrong steps come out right), so every seed is inconclusive; (1), (3) and (4)
+hold (85-87% of extended traces re-check). As on v4, capping scales accuracy (to 0.61-0.67
+uncapped) and extensions lower it (one: 0.54-0.58, four: 0.28-0.31) in every seed.
+
 Margins. Scaling (the paper's mean pairwise slope of accuracy against mean thinking
 tokens) is linear in the accuracies once the thinking-token coordinates are fixed
 (`scaling_weights`), so it splits into one term per problem; a Scaling check passes

@@ -46,6 +46,10 @@ equations within 6 evaluations, so no budget of the grid is at or under 60% and 
 generation with best-of-N (Mind Evolution 66-70%, best-of-N 59-73%, sequential revision 61-75%;
 check (1) fails in seeds 0 and 2 and is undecided in seed 1). A ladder whose top tier leaves
 best-of-N further from its ceiling would let the rule choose a budget with several generations.
+On reasoner v5 (sweep at commit 7d57638) it does: the rule picks 24, 16 and 16 evaluations in
+seeds 0-2, where Mind Evolution uses 1.4-1.9 of its 3 generations and solves 0.75, 0.72 and 0.66
+of the equations against best-of-N's 0.70, 0.67 and 0.42 and sequential revision's 0.72, 0.69 and
+0.64: check (1) holds in seed 2 and is undecided in seeds 0 and 1; (2) is undecided in every seed.
 
 How the searches run (issue 9, speed; decided before any run on reasoner v4). All 3 x 64
 searches, and the 32 calibration runs, go in lockstep (`Lockstep`): each in its own thread,
