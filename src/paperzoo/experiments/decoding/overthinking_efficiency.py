@@ -59,6 +59,10 @@ How the set-up's hyper-parameters were chosen (from the control only):
   the easiest tier alone and the fine-tune runs on 512-token blocks: four rounds, as before,
   which leaves FCS + Reflection (two rounds) room to cut about half the tokens, the paper's
   45-49%.
+  On reasoner v5 (three seeds at commit b2bbb13) every precondition then holds (the overthinking
+  model 0.96-1.00 against the base's 0.92-0.96, 4.0 rounds); the SimPO rate falls to the grid's
+  lowest, 1e-5 (the control collapses at 3e-5 and 1e-4 on the calibration problems), and SimPO
+  keeps accuracy and raises outcome efficiency but cuts tokens by 12-28%: not reproduced.
 
 Preconditions (any not met: verdict inconclusive):
 
