@@ -659,6 +659,12 @@ _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 #      seven targets, one more than G (the whole ladder and the cost; G met the vote instead). Kept because it
 #      meets more targets and leaves search and sampling the headroom G did not (G's hardest tier was
 #      solved within 6 samples three times in four); a recipe meeting all seven is still open.
+#   L. (not adopted) K on 512-token blocks (8 x 512, the same tokens per step), after the overthinking experiment
+#      showed the reasoner breaking past its trained 255-token attention span: val loss 0.193 (512-token blocks, not
+#      comparable); card (500): [1.00, 0.696, 0.464, 0.496], overall 0.664, pass@1 [0.93, 0.54, 0.32, 0.27] (K: 0.71,
+#      0.58, 0.16, 0.08), majority +11.4 points, re-checks keep a right step 89% of the time (K: 73%) and fix a wrong
+#      one 25% (K: 15%). The vote is met, but the hardest tier is above 0.40 and above tier 2, and a step costs
+#      ~1.2x K's (about 0.52 s against 0.43 on 2 threads; not timed alone), so 2000 steps would exceed 15 minutes.
 REASONERS = {
     "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 1024),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
