@@ -98,6 +98,14 @@ samples are weaker, so a vote over 16 no longer beats greedy decoding (-1.8 poin
 4: +7.4). Harder top tiers (a five-operation bracket) made greedy decoding sharper and
 samples no better; see the recipe notes beside `REASONERS`.
 
+**Its attention span.** Every recipe so far trains on 256-token blocks of packed traces, so
+the model has never attended across more than 255 tokens, and past that its text degrades:
+a fine-tune that taught it four solution rounds (300-580 tokens) turned it to digit soup
+until it was trained on 512-token blocks (`experiments.decoding.overthinking_efficiency`),
+and long samples (re-checks, the verbose style) lose to greedy decoding partly for this
+reason (candidate L beside `REASONERS`). An experiment that makes it write longer trains
+on longer blocks.
+
 **Training.** `ReasonerSpec` holds the model, the training run, the style and
 reflection shares and the tier mix; `train_reasoner` trains one and returns (model,
 record). `reasoner(scale)` and `draft_reasoner(scale)` train on first use (with a
