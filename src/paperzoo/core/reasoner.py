@@ -673,6 +673,33 @@ _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 #      0.58, 0.16, 0.08), majority +11.4 points, re-checks keep a right step 89% of the time (K: 73%) and fix a wrong
 #      one 25% (K: 15%). The vote is met, but the hardest tier is above 0.40 and above tier 2, and a step costs
 #      ~1.2x K's (about 0.52 s against 0.43 on 2 threads; not timed alone), so 2000 steps would exceed 15 minutes.
+#      Timed alone (session 15): a step of 8 x 512 takes 0.525 s, of 16 x 256 0.43 s, of 6 x 512 0.40 s; CPU flash
+#      attention is half the step at 512 tokens (the math and eager kernels are slower still: 0.83 and 0.80 s);
+#   M. (not adopted) L for 1600 steps (818 s) with the mix moved from the four-digit tier to the three-digit one
+#      (0.15/0.2/0.4/0.25): val loss 0.192; card (500): [0.928, 0.648, 0.536, 0.44], overall 0.638, pass@1 [0.77,
+#      0.46, 0.30, 0.23], majority +3.8 points. Fewer steps weaken the samples before they lower the top tier,
+#      which stays within two standard errors (+-0.045 on 125 problems) of tier 2: the three- and four-digit
+#      brackets of four operations are one problem at two lengths, so the ladder needs a real top rung;
+#   N. (not adopted) a top rung with one more step: the four-digit bracket with three operations on its right
+#      side (``6(x+5738)=99969-3231-6977-1147``, ~320 thinking tokens; H's top tier, now on blocks that hold it),
+#      on 6 x 512 blocks for 2000 steps (790 s): val loss 0.207; card (500): [0.952, 0.408, 0.136, 0.112],
+#      overall 0.402, majority +3.0 points: with a quarter fewer tokens than L every bracket is undertrained;
+#   O. (not adopted) N's ladder on 8 x 512 blocks, the first 1650 of 2000 steps on half blocks (16 x 256: a
+#      short-to-long curriculum; branch reasoner-v6), to fit L's tokens in 15 minutes (864 s): val loss
+#      on 512-token blocks 1.09-1.49 at steps 400-1600 (attention past 255 tokens untrained), 0.198 at the end;
+#      card (500): [1.00, 0.72, 0.496, 0.296], overall 0.628, pass@1 [0.82, 0.44, 0.22, 0.10], pass@16 / pass@1
+#      on the hardest tier 5.4, majority +4.2 points (by tier 0, +8.8, +4.0, +4.0), re-checks keep a right step
+#      87% of the time and fix a wrong one 14%: six of the seven, the vote 0.8 points short (one standard error
+#      of the vote's gain is about 2 points on 500 paired problems when a fifth of them are discordant);
+#   P. (not adopted) O with 500 steps on full blocks (1500 on half blocks; 902 s, over the 15 minutes): val loss
+#      0.196; card (500): [1.00, 0.776, 0.512, 0.344], overall 0.658, pass@1 [0.86, 0.50, 0.22, 0.13], majority
+#      +1.8 points (by tier 0, +6.4, -1.6, +2.4): more long steps sharpened greedy decoding, not the samples.
+#      What L alone has is samples close to greedy decoding (pass@1 / greedy on the three-digit bracket 0.69,
+#      against 0.44 in O and P and 0.29 in K) after every one of its steps on 512-token blocks;
+#   Q. (not adopted) N's ladder on 8 x 512 blocks for every one of 1700 steps (881 s): val loss 0.204; card (500):
+#      [1.00, 0.68, 0.264, 0.208], overall 0.538, pass@1 [0.82, 0.41, 0.13, 0.04], majority +0.4 points (by tier
+#      0, +3.2, +8.0, -9.6): full-length blocks throughout do not bring L's samples back with 15% fewer tokens and
+#      the five-step top rung. The vote stays the open target.
 REASONERS = {
     "smoke": ReasonerSpec(TinyLMConfig(_VOCAB, 32, 2, 2, 64, 1024),
                           TrainConfig(steps=4, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1), 200,
