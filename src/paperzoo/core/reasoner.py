@@ -673,7 +673,7 @@ _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 #      0.58, 0.16, 0.08), majority +11.4 points, re-checks keep a right step 89% of the time (K: 73%) and fix a wrong
 #      one 25% (K: 15%). The vote is met, but the hardest tier is above 0.40 and above tier 2, and a step costs
 #      ~1.2x K's (about 0.52 s against 0.43 on 2 threads; not timed alone), so 2000 steps would exceed 15 minutes.
-#      Timed alone (session 15): a step of 8 x 512 takes 0.525 s, of 16 x 256 0.43 s, of 6 x 512 0.40 s; CPU flash
+#      Timed alone (2026-12-06): a step of 8 x 512 takes 0.525 s, of 16 x 256 0.43 s, of 6 x 512 0.40 s; CPU flash
 #      attention is half the step at 512 tokens (the math and eager kernels are slower still: 0.83 and 0.80 s);
 #   M. (not adopted) L for 1600 steps (818 s) with the mix moved from the four-digit tier to the three-digit one
 #      (0.15/0.2/0.4/0.25): val loss 0.192; card (500): [0.928, 0.648, 0.536, 0.44], overall 0.638, pass@1 [0.77,
