@@ -678,8 +678,8 @@ _VOCAB = len(SPECIAL_TOKENS) + len(CHARACTERS)
 #   M. (not adopted) L for 1600 steps (818 s) with the mix moved from the four-digit tier to the three-digit one
 #      (0.15/0.2/0.4/0.25): val loss 0.192; card (500): [0.928, 0.648, 0.536, 0.44], overall 0.638, pass@1 [0.77,
 #      0.46, 0.30, 0.23], majority +3.8 points. Fewer steps weaken the samples before they lower the top tier,
-#      which stays within two standard errors (+-0.045 on 125 problems) of tier 2: the three- and four-digit
-#      brackets of four operations are one problem at two lengths, so the ladder needs a real top rung;
+#      which stays within two standard errors of tier 2 (0.063 for a difference on 125 problems each): the three-
+#      and four-digit brackets of four operations are one problem at two lengths, so the ladder needs a real top rung;
 #   N. (not adopted) a top rung with one more step: the four-digit bracket with three operations on its right
 #      side (``6(x+5738)=99969-3231-6977-1147``, ~320 thinking tokens; H's top tier, now on blocks that hold it),
 #      on 6 x 512 blocks for 2000 steps (790 s): val loss 0.207; card (500): [0.952, 0.408, 0.136, 0.112],
