@@ -436,8 +436,10 @@ def test_train_reasoner_smoke_and_the_small_proposal():
 
 
 def test_tiers_between_reads_the_card_and_falls_back_to_every_tier():
-    r = T.Reasoner("x", None, None, {"card": {"pass@1_by_tier": [0.95, 0.6, 0.12, 0.01]}})
+    r = T.Reasoner("x", None, None, {"card": {"pass@1_by_tier": [0.95, 0.6, 0.12, 0.01],
+                                              "pass@16_by_tier": [1.0, 0.98, 0.77, 0.51]}})
     assert T.tiers_between(r, 0.1, 0.9) == [1, 2]
+    assert T.tiers_between(r, 0.1, 0.9, statistic="pass@16") == [2, 3]  # best-of-16 off its ceiling
     assert T.tiers_between(r, 0.5, 0.55) == [0, 1, 2, 3]  # none qualifies: every tier
     assert T.tiers_between(T.Reasoner("x", None, None, {}), 0.1, 0.9) == [0, 1, 2, 3]  # no card
 

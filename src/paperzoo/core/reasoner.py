@@ -809,14 +809,15 @@ class Reasoner:
         return self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def tiers_between(r: "Reasoner", low: float, high: float) -> list[int]:
-    """The tiers on which the reasoner's sampled accuracy (pass@1 at temperature 1, from its card) is in [low, high].
+def tiers_between(r: "Reasoner", low: float, high: float, statistic: str = "pass@1") -> list[int]:
+    """The tiers on which a sampled accuracy from the reasoner's card (`statistic`: "pass@1" at temperature 1,
+    or "pass@16") is in [low, high].
 
-    How an experiment that needs a learning signal (some samples right, some wrong) picks its
-    problems from the substrate alone, before any treatment runs. Every tier when none qualifies
-    or the record has no card (the smoke model's figures mean nothing).
+    How an experiment that needs a learning signal (some samples right, some wrong), or a best-of-N
+    off its ceiling, picks its problems from the substrate alone, before any treatment runs. Every
+    tier when none qualifies or the record has no card (the smoke model's figures mean nothing).
     """
-    by_tier = (r.record.get("card") or {}).get("pass@1_by_tier") or []
+    by_tier = (r.record.get("card") or {}).get(f"{statistic}_by_tier") or []
     chosen = [t for t, p in enumerate(by_tier) if p is not None and low <= p <= high]
     return chosen or list(range(len(TIERS)))
 
